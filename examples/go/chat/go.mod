@@ -1,0 +1,3 @@
+module gochat-examples/chat
+
+go 1.19

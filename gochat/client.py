@@ -1,0 +1,238 @@
+"""The gochat client library, on gevent: used by the tests, ``gochat connect`` and locust.
+
+One reader greenlet per client decodes what the server sends (with the same sans-IO codec
+as the server) and routes it: a reply to the request that carries its id wakes that
+request's caller; everything else (room messages, DMs, presence, shutdown) goes to the
+inbox, which ``recv`` and iteration read. Server pings are answered by the reader itself.
+"""
+from __future__ import annotations
+
+import itertools
+import socket
+import ssl
+from typing import Any, Iterator
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import AsyncResult
+from gevent.lock import Semaphore
+from gevent.queue import Queue
+
+from gochat.protocol import (
+    FRAME_MAGIC,
+    NEED_DATA,
+    Codec,
+    Decoder,
+    encode_frame,
+    encode_json,
+)
+
+REPLY_TYPES = frozenset({"welcome", "ack", "joined", "left", "who", "rooms", "history", "pong", "error"})
+CLOSED = object()  # inbox sentinel: the connection ended
+DEFAULT_TIMEOUT = 10.0
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # server messages may exceed max_frame_bytes (a big history)
+
+
+class ChatError(Exception):
+    """An ``error`` the server answered a request with."""
+
+    def __init__(self, reply: dict) -> None:
+        self.reply = reply
+        self.code = reply.get("code", "")
+        self.message = reply.get("message", "")
+        super().__init__(f"{self.code}: {self.message}")
+
+
+class ConnectionClosed(ConnectionError):
+    """The server closed the connection (or it broke) before the awaited reply came."""
+
+
+class Client:
+    def __init__(self, host: str, port: int, codec: str = "json", tls: bool | ssl.SSLContext = False,
+                 timeout: float = DEFAULT_TIMEOUT, source: str | None = None) -> None:
+        self.codec = Codec(codec)
+        if self.codec is Codec.TEXT:
+            raise ValueError("the client library speaks json or frames; text mode is for humans")
+        self.timeout = timeout
+        sock = gsocket.create_connection((host, port), timeout=timeout,
+                                         source_address=(source, 0) if source else None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            context = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+        sock.settimeout(None)
+        self.sock = sock
+        self.session: str | None = None
+        self.nick: str | None = None
+        self.welcome: dict | None = None
+        self.inbox: Queue = Queue()
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._waiting: dict[Any, AsyncResult] = {}
+        self._write_lock = Semaphore()  # one writer at a time: sendall may yield mid-message
+        self._encode = encode_frame if self.codec is Codec.FRAMES else encode_json
+        if self.codec is Codec.FRAMES:
+            self._write(FRAME_MAGIC)
+        self._reader = gevent.spawn(self._read_loop)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _write(self, data: bytes) -> None:
+        with self._write_lock:
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                raise ConnectionClosed(str(exc)) from exc
+
+    def send_nowait(self, message: dict) -> None:
+        """Send without waiting for a reply (load generators, pongs)."""
+        self._write(self._encode(message))
+
+    def request(self, message: dict, timeout: float | None = None) -> dict:
+        """Send with a fresh id unless one is given, and wait for the reply that echoes it."""
+        if "id" not in message:
+            message = {**message, "id": next(self._ids)}
+        waiter = self._waiting[message["id"]] = AsyncResult()
+        try:
+            self.send_nowait(message)
+            reply = waiter.get(timeout=self.timeout if timeout is None else timeout)
+        except gevent.Timeout:
+            raise TimeoutError(f"no reply to {message.get('type')} {message['id']!r}") from None
+        finally:
+            self._waiting.pop(message["id"], None)
+        if reply is CLOSED:
+            raise ConnectionClosed(f"connection closed before the reply to {message.get('type')}")
+        if reply.get("type") == "error":
+            raise ChatError(reply)
+        return reply
+
+    def _read_loop(self) -> None:
+        decoder = Decoder(MAX_REPLY_BYTES, codec=self.codec)  # server frames come without the magic
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+                decoder.receive_data(data)
+                while (message := decoder.next_event()) is not NEED_DATA:
+                    self._route(message)
+        except Exception as exc:  # the reader dies with the connection, whatever broke it
+            if not self.closed:
+                self.inbox.put({"type": "closed", "reason": repr(exc)})
+        finally:
+            self.closed = True
+            for waiter in list(self._waiting.values()):
+                waiter.set(CLOSED)
+            self.inbox.put(CLOSED)
+
+    def _route(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "ping":
+            self.send_nowait({"type": "pong", "ts": message.get("ts")})
+            return
+        waiter = self._waiting.get(message.get("id")) if kind in REPLY_TYPES else None
+        if waiter is not None:
+            waiter.set(message)
+        else:
+            self.inbox.put(message)
+
+    # ------------------------------------------------------------ the protocol
+
+    def hello(self, nick: str | None = None, token: str | None = None, resume: str | None = None) -> dict:
+        message: dict[str, Any] = {"type": "hello", "v": 1}
+        for key, value in (("nick", nick), ("token", token), ("resume", resume)):
+            if value is not None:
+                message[key] = value
+        self.welcome = self.request(message)
+        self.session, self.nick = self.welcome["session"], self.welcome["nick"]
+        return self.welcome
+
+    def join(self, room: str, since: int | None = None) -> dict:
+        """The ``joined`` reply; replayed messages arrive in the inbox after it."""
+        message: dict[str, Any] = {"type": "join", "room": room}
+        if since is not None:
+            message["since"] = since
+        return self.request(message)
+
+    def leave(self, room: str) -> dict:
+        return self.request({"type": "leave", "room": room})
+
+    def send(self, room: str, text: str, id: Any = None) -> dict:
+        """Post to a room and wait for the ack: once it returns, the message holds its seq."""
+        message: dict[str, Any] = {"type": "msg", "room": room, "text": text}
+        if id is not None:
+            message["id"] = id
+        return self.request(message)
+
+    def dm(self, to: str, text: str, id: Any = None) -> dict:
+        message: dict[str, Any] = {"type": "dm", "to": to, "text": text}
+        if id is not None:
+            message["id"] = id
+        return self.request(message)
+
+    def who(self, room: str) -> list[str]:
+        return self.request({"type": "who", "room": room})["members"]
+
+    def rooms(self) -> list[dict]:
+        return self.request({"type": "rooms"})["rooms"]
+
+    def history(self, room: str, since: int = 0, limit: int | None = None) -> list[dict]:
+        message: dict[str, Any] = {"type": "history", "room": room, "since": since}
+        if limit is not None:
+            message["limit"] = limit
+        return self.request(message)["messages"]
+
+    def ping(self, ts: Any = 0) -> dict:
+        return self.request({"type": "ping", "ts": ts})
+
+    def recv(self, timeout: float | None = None) -> dict | None:
+        """The next pushed message; None once the connection has ended."""
+        try:
+            message = self.inbox.get(timeout=self.timeout if timeout is None else timeout)
+        except gevent.queue.Empty:
+            raise TimeoutError("nothing received") from None
+        if message is CLOSED:
+            self.inbox.put(CLOSED)  # later calls see the end too
+            return None
+        return message
+
+    def expect(self, type_: str, timeout: float | None = None, **fields: Any) -> dict:
+        """The next pushed message of a type (and field values); others before it are dropped."""
+        with gevent.Timeout(self.timeout if timeout is None else timeout, TimeoutError(f"no {type_} {fields}")):
+            while True:
+                message = self.recv(timeout=None)
+                if message is None:
+                    raise ConnectionClosed(f"closed while waiting for {type_}")
+                if message.get("type") == type_ and all(message.get(k) == v for k, v in fields.items()):
+                    return message
+
+    def __iter__(self) -> Iterator[dict]:
+        while (message := self.inbox.get()) is not CLOSED:
+            yield message
+        self.inbox.put(CLOSED)
+
+    def bye(self) -> None:
+        """Leave for good: the server sends offline presence and frees the nick at once."""
+        try:
+            self.send_nowait({"type": "bye"})
+        except ConnectionClosed:
+            pass
+        self._reader.join(timeout=self.timeout)
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection without bye: the session stays resumable for resume_window."""
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self._reader.join(timeout=self.timeout)
+        if not self._reader.dead:
+            self._reader.kill()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

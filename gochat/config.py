@@ -1,0 +1,190 @@
+"""Every setting of gochat, declared once: type, default, bounds and help in one field.
+
+Built once at start (defaults <- profile <- TOML file <- GOCHAT_* environment <- flags,
+PROTOCOL.md section 9), validated before anything listens, then passed down read-only.
+Tests build a :class:`Config` directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ENV_PREFIX = "GOCHAT_"
+MAX_PORT = 65535
+
+
+class ConfigError(ValueError):
+    """A bad setting: reported before the server starts, naming the key and its source."""
+
+
+def _setting(default: Any, help: str, minimum: float | None = None, maximum: float | None = None,
+             choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum,
+                                            "choices": choices})
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configuration key as the CLI, the environment and the TOML file see it."""
+
+    key: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None
+    maximum: float | None
+    choices: tuple[str, ...] | None
+
+    @property
+    def envvar(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+    def parse(self, raw: Any, source: str) -> Any:
+        """Convert a raw value (a string from the environment or a flag, or a TOML value) and check it."""
+        try:
+            value = self._convert(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.key} = {raw!r} (from {source}): expected {self.type.__name__}") from None
+        if value is None:
+            return None
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{self.key} = {value!r} (from {source}): expected one of {', '.join(self.choices)}")
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigError(f"{self.key} = {value!r} (from {source}): must be >= {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"{self.key} = {value!r} (from {source}): must be <= {self.maximum}")
+        return value
+
+    def _convert(self, raw: Any) -> Any:
+        if raw is None or (raw == "" and self.default is None):
+            return None
+        if self.type is bool:
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(raw, bool) or isinstance(raw, (list, dict)):
+            raise TypeError(raw)
+        if self.type is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        if self.type is float:
+            return float(raw)
+        return str(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration; ``sources`` says where each value came from."""
+
+    host: str = _setting("0.0.0.0", "address the chat port listens on")
+    port: int = _setting(9000, "chat port (0 picks a free one)", 0, MAX_PORT)
+    admin_host: str = _setting("127.0.0.1", "address of the admin HTTP server")
+    admin_port: int = _setting(9001, "admin HTTP port (0 turns it off)", 0, MAX_PORT)
+    max_connections: int = _setting(10000, "connection cap (0: only the open-file limit)", 0)
+    max_conns_per_ip: int = _setting(0, "connections per client address (0: no cap)", 0)
+    max_frame_bytes: int = _setting(65536, "largest frame payload or line a client may send", 64, 64 * 1024 * 1024)
+    max_text_chars: int = _setting(4096, "longest msg/dm text in code points", 1)
+    handshake_timeout: float = _setting(10.0, "seconds from connect until the welcome (0: never)", 0)
+    heartbeat: float = _setting(30.0, "seconds of silence before the server pings (0: no pings)", 0)
+    idle_timeout: float = _setting(90.0, "seconds of silence before the server closes (0: never)", 0)
+    rate: float = _setting(20.0, "requests per second per connection (token bucket refill)", 0.001)
+    burst: int = _setting(40, "token bucket size", 1)
+    max_strikes: int = _setting(50, "rate-limited requests in a row before the connection is closed", 1)
+    max_outbound_bytes: int = _setting(1048576, "unsent bytes per connection before slow_consumer", 1024)
+    history_size: int = _setting(1000, "messages retained per room (0: none)", 0)
+    resume_window: float = _setting(120.0, "seconds a dropped session waits to be resumed (0: offline at once)", 0)
+    drain_timeout: float = _setting(10.0, "seconds to flush clients on shutdown", 0)
+    auth: str = _setting("none", "client authentication", choices=("none", "jwt"))
+    jwt_secret: str | None = _setting(None, "HS256 secret (auth = jwt)")
+    jwt_public_key: str | None = _setting(None, "RS256 public key PEM file (auth = jwt)")
+    jwt_audience: str | None = _setting(None, "required aud claim (auth = jwt)")
+    broker: str = _setting("memory", "memory, or redis://host:port/db for several nodes")
+    tls_cert: str | None = _setting(None, "PEM certificate file for TLS on the chat port")
+    tls_key: str | None = _setting(None, "PEM private key file for TLS on the chat port")
+    log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = _setting("text", "log line format", choices=("text", "json"))
+    trace_connections: bool = _setting(False, "log every connection's state changes at debug level")
+    workers: int = _setting(1, "worker processes sharing the port (needs a shared broker when > 1)", 1, 256)
+    profile: str = field(default="dev", metadata={"internal": True})
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        if self.auth == "jwt" and not (self.jwt_secret or self.jwt_public_key):
+            raise ConfigError("auth = jwt needs jwt_secret (HS256) or jwt_public_key (RS256)")
+        if self.jwt_secret and self.jwt_public_key:
+            raise ConfigError("set jwt_secret or jwt_public_key, not both: HS256 and RS256 are never accepted together")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        if not (self.broker == "memory" or self.broker.startswith(("redis://", "rediss://", "unix://"))):
+            raise ConfigError(f"broker = {self.broker!r}: expected memory or redis://host:port/db")
+        if self.workers > 1 and self.broker == "memory":
+            raise ConfigError("workers > 1 needs a shared broker (--broker redis://...): "
+                              "with the memory broker each worker would be a separate chat service")
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {s.key: getattr(self, s.key) for s in SETTINGS}
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, _TYPES[str(f.type).split(" ")[0]], f.default, f.metadata["help"],
+            f.metadata["minimum"], f.metadata["maximum"], f.metadata["choices"])
+    for f in dataclasses.fields(Config)
+    if not f.metadata.get("internal")
+)
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+# Profiles change how gochat reports itself, never the protocol's limits (section 9).
+PROFILES: dict[str, dict[str, Any]] = {
+    "dev": {"log_level": "debug", "log_format": "text", "trace_connections": True},
+    "test": {"log_level": "warning", "log_format": "text", "trace_connections": False},
+    "staging": {"log_level": "info", "log_format": "json", "trace_connections": True},
+    "prod": {"log_level": "info", "log_format": "json", "trace_connections": False},
+}
+
+
+def load(
+    profile: str = "dev",
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Layer the sources of section 9; unknown keys and bad values raise ConfigError."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile = {profile!r}: expected one of {', '.join(PROFILES)}")
+    values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
+    sources: dict[str, str] = {s.key: "default" for s in SETTINGS}
+
+    def apply(raw: Mapping[str, Any], source: str) -> None:
+        for key, value in raw.items():
+            setting = BY_KEY.get(key)
+            if setting is None:
+                raise ConfigError(f"unknown key {key!r} (from {source})")
+            values[key] = setting.parse(value, source)
+            sources[key] = source
+
+    apply(PROFILES[profile], f"profile {profile}")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                apply(tomllib.load(fh), f"file {config_file}")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+    env = os.environ if environ is None else environ
+    apply({s.key: env[s.envvar] for s in SETTINGS if s.envvar in env}, "environment")
+    apply({k: v for k, v in (flags or {}).items() if v is not None}, "flag")
+    return Config(**values, profile=profile, sources=sources)

@@ -1,0 +1,573 @@
+"""One client connection: its reader loop, its output buffer, its heartbeat and its limits.
+
+This is the only code that touches the connection's socket (STYLE.md rule 4). The handler
+greenlet that ``StreamServer`` spawns for the connection (Go's ``go handleConn(conn)``) is
+the reader; it also drives the heartbeat and the timeouts through its ``recv`` deadline, so
+an idle connection costs exactly one greenlet.
+
+Why not the Go way (a writer goroutine per client draining a channel)? In gevent a second
+greenlet per connection doubles the idle cost and adds a switch per delivery. Instead
+``deliver`` appends encoded bytes to the connection's buffer and marks it dirty; once per
+event-loop turn the :class:`Flusher` writes every dirty buffer with one non-blocking
+``send`` (many messages, one syscall). Only when the kernel's socket buffer is full does a
+writer greenlet exist, and it exits once the backlog is written. Either the flusher or
+that writer writes, never both: one writer per socket at any time.
+
+Connection states (one table, below): HANDSHAKE (codec unknown) -> GREETING (codec known,
+no session) -> SESSION -> DRAINING (server shutdown) -> CLOSED. Any state may close.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import time
+from typing import Any, Callable
+
+import gevent
+from gevent import Greenlet
+
+from gochat import metrics
+from gochat.config import Config
+from gochat.hub import Hub, Session, now_ms
+from gochat.protocol import (
+    NEED_DATA,
+    Bye,
+    Codec,
+    Decoder,
+    Dm,
+    Hello,
+    History,
+    Join,
+    Leave,
+    Msg,
+    Outgoing,
+    Ping,
+    Pong,
+    ProtocolError,
+    Rooms,
+    Who,
+    encode,
+    error_message,
+    parse_request,
+    parse_text_line,
+)
+from gochat.limits import TokenBucket
+
+log = logging.getLogger("gochat.conn")
+
+RECV_BYTES = 65536
+CLOSE_FLUSH_TIMEOUT = 2.0  # seconds a closing connection may take to write what it owes
+TEXT_LOBBY = "lobby"
+RATE_EXEMPT = ("pong", "bye")  # section 6: every request but these takes a token
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    GREETING = "greeting"
+    SESSION = "session"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.HANDSHAKE: frozenset({State.GREETING, State.DRAINING, State.CLOSED}),
+    State.GREETING: frozenset({State.SESSION, State.DRAINING, State.CLOSED}),
+    State.SESSION: frozenset({State.DRAINING, State.CLOSED}),
+    State.DRAINING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+class CloseReason(str, enum.Enum):
+    """Why a connection ended: a metric label and a log field, never free text (nats ClosedState)."""
+
+    BYE = "bye"
+    PEER_CLOSED = "peer_closed"
+    IO_ERROR = "io_error"
+    TOO_LARGE = "too_large"
+    AUTH_FAILED = "auth_failed"
+    IDLE_TIMEOUT = "idle_timeout"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    SLOW_CONSUMER = "slow_consumer"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    TAKEOVER = "takeover"
+    SHUTDOWN = "shutdown"
+    HANDLER_EXCEPTION = "handler_exception"
+
+
+# Nothing more can be written (the socket failed or the backlog was dropped), or the
+# server's drain already spent drain_timeout flushing. A peer that closed may only have
+# half-closed (nc at the end of its input): it still gets what it is owed.
+NO_FLUSH_REASONS = frozenset({CloseReason.SLOW_CONSUMER, CloseReason.IO_ERROR, CloseReason.SHUTDOWN})
+
+ERROR_CLOSE_REASONS = {
+    "too_large": CloseReason.TOO_LARGE,
+    "auth_failed": CloseReason.AUTH_FAILED,
+    "idle_timeout": CloseReason.IDLE_TIMEOUT,
+    "handshake_timeout": CloseReason.HANDSHAKE_TIMEOUT,
+    "slow_consumer": CloseReason.SLOW_CONSUMER,
+    "rate_limited": CloseReason.RATE_LIMITED,
+    "too_many_connections": CloseReason.TOO_MANY_CONNECTIONS,
+}
+
+
+class Flusher:
+    """Writes every dirty connection once per event-loop turn: the coalescing of output.
+
+    A broadcast to a thousand members marks a thousand buffers dirty; the writes happen
+    after the current greenlet yields, so every message queued in the same turn leaves in
+    the same ``send``.
+    """
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._loop = gevent.get_hub().loop
+
+    def schedule(self, conn: "Connection") -> None:
+        if not self._dirty:
+            self._loop.run_callback(self._run)
+        self._dirty.append(conn)
+
+    def _run(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub,
+                 flusher: Flusher, tls: bool = False) -> None:
+        # shared server state
+        self.config = config
+        self.hub = hub
+        self.flusher = flusher
+        # per-connection state, owned by this object
+        self.sock = sock
+        self.address = address
+        self.opened = time.monotonic()
+        self.state = State.HANDSHAKE
+        self.codec: Codec | None = None
+        self.session: Session | None = None
+        self.close_reason: CloseReason | None = None
+        self.decoder = Decoder(config.max_frame_bytes)
+        self.bucket = TokenBucket(config.rate, config.burst, config.max_strikes)
+        self.last_recv = self.opened
+        self.pings_unanswered = 0
+        self.last_ping_ts: int | None = None
+        # output: encoded bytes waiting for the flusher or the writer greenlet
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_scheduled = False
+        self._writer: Greenlet | None = None
+        # A plain TCP socket can be written without blocking from the flusher; TLS cannot
+        # (a record may need a read), so TLS output always goes through the writer greenlet.
+        self._send_nowait: Callable[[bytes], int] | None = None if tls else sock._sock.send
+
+    # ------------------------------------------------------------ state
+
+    def _move(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection cannot go from {self.state.value} to {state.value}")
+        if self.config.trace_connections:
+            log.debug("conn %s:%s %s -> %s", *self.address[:2], self.state.value, state.value)
+        self.state = state
+
+    @property
+    def nick(self) -> str | None:
+        return self.session.nick if self.session else None
+
+    # ------------------------------------------------------------ reading (the handler greenlet)
+
+    def run(self) -> None:
+        """The connection's whole life, in the greenlet StreamServer spawned for it.
+
+        An unexpected exception closes this connection only and is logged with its
+        traceback: Go's ``defer recover()`` in ``handleConn``.
+        """
+        try:
+            self._read_loop()
+        except Exception:
+            metrics.handler_exceptions.inc()
+            log.exception("handler failed for %s:%s (nick %s)", *self.address[:2], self.nick)
+            self.close_reason = self.close_reason or CloseReason.HANDLER_EXCEPTION
+        finally:
+            self._finish()
+
+    def _read_loop(self) -> None:
+        while self.close_reason is None:
+            timeout = self._next_deadline() - time.monotonic()
+            if timeout <= 0:
+                if self._on_deadline():
+                    continue
+                return
+            self.sock.settimeout(timeout)
+            try:
+                # recv sizes its result to what arrived, so an idle connection holds no
+                # read buffer at all (a pooled 64 KiB buffer held across the wait would
+                # cost more than the whole connection should).
+                data = self.sock.recv(RECV_BYTES)
+            except socket.timeout:
+                continue
+            except OSError:
+                self.close_reason = self.close_reason or CloseReason.IO_ERROR
+                return
+            if not data:
+                self.close_reason = self.close_reason or CloseReason.PEER_CLOSED
+                return
+            metrics.bytes_in.inc(len(data))
+            self.last_recv = time.monotonic()
+            self.pings_unanswered = 0
+            self.decoder.receive_data(data)
+            self._process_input()
+
+    def _next_deadline(self) -> float:
+        cfg = self.config
+        if self.state in (State.HANDSHAKE, State.GREETING):
+            return self.opened + cfg.handshake_timeout if cfg.handshake_timeout > 0 else float("inf")
+        if self.codec is Codec.TEXT or self.state is State.DRAINING:
+            return float("inf")  # section 4: text users get no pings and no idle timeout
+        deadline = float("inf")
+        if cfg.heartbeat > 0:
+            deadline = self.last_recv + cfg.heartbeat * (self.pings_unanswered + 1)
+        if cfg.idle_timeout > 0:
+            deadline = min(deadline, self.last_recv + cfg.idle_timeout)
+        return deadline
+
+    def _on_deadline(self) -> bool:
+        """A timer fired: ping and go on (True), or close for a timeout (False)."""
+        cfg, now = self.config, time.monotonic()
+        if self.state in (State.HANDSHAKE, State.GREETING):
+            if self.state is State.HANDSHAKE:  # no codec yet: closed silently (section 1)
+                self.close_reason = CloseReason.HANDSHAKE_TIMEOUT
+            else:
+                self.fail(ProtocolError("handshake_timeout"))
+            return False
+        if cfg.idle_timeout > 0 and now >= self.last_recv + cfg.idle_timeout:
+            self.fail(ProtocolError("idle_timeout", f"nothing received for {cfg.idle_timeout:g} s"))
+            return False
+        self.pings_unanswered += 1
+        self.last_ping_ts = now_ms()
+        self.send({"type": "ping", "ts": self.last_ping_ts})
+        return True
+
+    def _process_input(self) -> None:
+        decoder = self.decoder
+        while self.close_reason is None:
+            try:
+                event = decoder.next_event()
+            except ProtocolError as exc:
+                self._codec_known()
+                if exc.closes or not self._rate_limited(None):  # garbage costs a token too
+                    self.fail(exc)
+                continue
+            self._codec_known()
+            if event is NEED_DATA:
+                return
+            try:
+                self._on_event(event)
+            except ProtocolError as exc:
+                self.fail(exc)
+
+    def _codec_known(self) -> None:
+        if self.state is State.HANDSHAKE and self.decoder.codec is not None:
+            self.codec = self.decoder.codec
+            self._move(State.GREETING)
+
+    def _on_event(self, event: dict | str) -> None:
+        """Take the request's token (section 6), then serve it."""
+        if isinstance(event, str):  # text mode: every line takes a token
+            if not self._rate_limited(None):
+                self._on_request(self._text_request(event))
+            return
+        kind = event.get("type")
+        if kind not in RATE_EXEMPT:
+            rid = event.get("id")
+            valid_id = isinstance(rid, (str, int)) and not isinstance(rid, bool) and len(str(rid)) <= 64
+            if self._rate_limited(rid if valid_id else None):
+                return
+        self._on_request(event)
+
+    def _text_request(self, line: str) -> dict:
+        request = parse_text_line(line, greeted=self.session is not None, jwt=self.config.auth == "jwt")
+        if request.get("room", "") is None:
+            room = self.session.current_room if self.session else None
+            if room is None:
+                raise ProtocolError("not_in_room", "join a room first: /join ROOM")
+            request["room"] = room
+        return request
+
+    def _rate_limited(self, request_id: Any) -> bool:
+        """Take a token; when none is left, answer rate_limited (and close after max_strikes)."""
+        if self.bucket.take():
+            return False
+        if self.bucket.struck_out:
+            self.fail(ProtocolError("rate_limited", f"closed after {self.bucket.strikes} limited requests in a row",
+                                    request_id), CloseReason.RATE_LIMITED)
+        else:
+            self.fail(ProtocolError("rate_limited", None, request_id))
+        return True
+
+    # ------------------------------------------------------------ requests
+
+    def _on_request(self, obj: dict) -> None:
+        request = parse_request(obj, self.config.max_text_chars)
+        metrics.messages_in.labels(obj["type"]).inc()
+        if self.state is State.DRAINING:
+            if isinstance(request, Bye):
+                self.close_reason = CloseReason.BYE
+            elif not isinstance(request, Pong):
+                raise ProtocolError("shutting_down", "the server is shutting down; reconnect later", request.id)
+            return
+        if self.session is None:
+            if not isinstance(request, Hello):
+                raise ProtocolError("hello_required", None, request.id)
+            self._hello(request)
+            return
+        try:
+            self._HANDLERS[type(request)](self, request)
+        except ProtocolError as exc:
+            if exc.request_id is None:
+                exc.request_id = request.id
+            raise
+
+    def _hello(self, request: Hello) -> None:
+        try:
+            session = self.hub.hello(request.nick, request.token, request.resume, self,
+                                     resumable=self.codec is not Codec.TEXT)
+        except ProtocolError as exc:
+            exc.request_id = request.id
+            raise
+        self.session = session
+        self._move(State.SESSION)
+        heartbeat = self.config.heartbeat
+        self.reply(request.id, {"type": "welcome", "v": 1, "session": session.id, "nick": session.nick,
+                                "heartbeat": int(heartbeat) if heartbeat.is_integer() else heartbeat,
+                                "server": server_name()})
+        if self.codec is Codec.TEXT:
+            self._join(Join(None, TEXT_LOBBY, None))
+
+    def _second_hello(self, request: Hello) -> None:
+        raise ProtocolError("bad_request", "this connection already has a session", request.id)
+
+    def _join(self, request: Join) -> None:
+        joined, replay = self.hub.join(self.session, request.room, request.since)
+        if request.id is not None:
+            joined["id"] = request.id
+        self.send_batch([encode(joined, self.codec)] + [out.encoded(self.codec) for out in replay])
+
+    def _leave(self, request: Leave) -> None:
+        self.hub.leave(self.session, request.room)
+        self.reply(request.id, {"type": "left", "room": request.room})
+
+    def _msg(self, request: Msg) -> None:
+        started = time.perf_counter()
+        self.reply(request.id, self.hub.post(self.session, request.room, request.text, request.id))
+        metrics.fanout_latency.observe(time.perf_counter() - started)
+
+    def _dm(self, request: Dm) -> None:
+        self.reply(request.id, self.hub.dm(self.session, request.to, request.text, request.id))
+
+    def _who(self, request: Who) -> None:
+        self.reply(request.id, {"type": "who", "room": request.room, "members": self.hub.who(request.room)})
+
+    def _rooms(self, request: Rooms) -> None:
+        self.reply(request.id, {"type": "rooms", "rooms": self.hub.rooms()})
+
+    def _history(self, request: History) -> None:
+        messages = self.hub.history(request.room, request.since, request.limit)
+        self.reply(request.id, {"type": "history", "room": request.room, "messages": messages})
+
+    def _ping(self, request: Ping) -> None:
+        reply: dict[str, Any] = {"type": "pong"}
+        if request.ts is not None:
+            reply["ts"] = request.ts
+        self.reply(request.id, reply)
+
+    def _pong(self, request: Pong) -> None:
+        if request.ts is not None and request.ts == self.last_ping_ts:
+            metrics.heartbeat_rtt.observe(max(0, now_ms() - request.ts) / 1000)
+            self.last_ping_ts = None
+
+    def _bye(self, request: Bye) -> None:
+        self.close_reason = CloseReason.BYE
+
+    _HANDLERS: dict[type, Callable[["Connection", Any], None]] = {
+        Hello: _second_hello, Join: _join, Leave: _leave, Msg: _msg, Dm: _dm, Who: _who,
+        Rooms: _rooms, History: _history, Ping: _ping, Pong: _pong, Bye: _bye,
+    }
+
+    # ------------------------------------------------------------ output (never blocks)
+
+    def reply(self, request_id: Any, message: dict) -> None:
+        if request_id is not None and message.get("type") != "ack":
+            message["id"] = request_id
+        self.send(message)
+
+    def send(self, message: dict) -> None:
+        self._enqueue(encode(message, self.codec))
+
+    def send_batch(self, chunks: list[bytes]) -> None:
+        """Several messages as one buffer entry: a long replay is one unit, not a slow consumer."""
+        self._enqueue(b"".join(chunks))
+
+    def deliver(self, out: Outgoing) -> None:
+        """Called by the hub for fan-out: encode once per codec, buffer, never wait."""
+        if self.state is not State.CLOSED and self.close_reason is not CloseReason.SLOW_CONSUMER:
+            self._enqueue(out.encoded(self.codec))
+
+    def fail(self, error: ProtocolError, reason: CloseReason | None = None) -> None:
+        """Send an error; for closing codes, end the connection once it is written."""
+        metrics.errors_sent.labels(error.code).inc()
+        if self.codec is not None:
+            self.send(error.to_message())
+        if error.closes or reason is not None:
+            self.close_reason = self.close_reason or reason or ERROR_CLOSE_REASONS[error.code]
+
+    def _enqueue(self, data: bytes) -> None:
+        if not data or self.state is State.CLOSED:
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        # One message always fits an empty buffer, however large (a big history reply).
+        if self._pending_bytes > self.config.max_outbound_bytes and self._pending_bytes > len(data):
+            self._overflow()
+            return
+        if not self._flush_scheduled and self._writer is None:
+            self._flush_scheduled = True
+            self.flusher.schedule(self)
+
+    def _overflow(self) -> None:
+        """Slow consumer: drop the backlog, say why if it still fits, and close (nats queueOutbound)."""
+        self.close_reason = CloseReason.SLOW_CONSUMER
+        metrics.errors_sent.labels("slow_consumer").inc()
+        self._pending.clear()
+        self._pending_bytes = 0
+        if self._writer is None and self._send_nowait is not None:
+            try:
+                self._send_nowait(encode(ProtocolError("slow_consumer").to_message(), self.codec))
+            except OSError:
+                pass
+        self._abort_socket()
+
+    def flush(self) -> None:
+        """Write what is pending without blocking; the Flusher calls this once per loop turn."""
+        self._flush_scheduled = False
+        if self._writer is not None or not self._pending or self.state is State.CLOSED:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        sent = 0
+        if self._send_nowait is not None:
+            try:
+                sent = self._send_nowait(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._pending_bytes = 0
+                self.close_reason = self.close_reason or CloseReason.IO_ERROR
+                self._abort_socket()
+                return
+        self._pending_bytes -= sent
+        metrics.bytes_out.inc(sent)
+        if sent < len(data):
+            self._pending.append(data[sent:])
+            self._writer = gevent.spawn(self._write_backlog)
+
+    def _write_backlog(self) -> None:
+        """The writer greenlet: exists only while the kernel buffer is full."""
+        try:
+            while self._pending:
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self.sock.sendall(data)
+                self._pending_bytes -= len(data)
+                metrics.bytes_out.inc(len(data))
+        except OSError:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self.close_reason = self.close_reason or CloseReason.IO_ERROR
+            self._abort_socket()
+        finally:
+            self._writer = None
+
+    def _abort_socket(self) -> None:
+        """Wake the reader at once: gevent cancels its wait when the socket is shut down."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ ending
+
+    def takeover(self) -> None:
+        """A resume on another connection took this session: close without touching it."""
+        self.session = None
+        self.close_reason = self.close_reason or CloseReason.TAKEOVER
+        self._wake_reader()
+
+    def begin_drain(self, reconnect_after_ms: int) -> None:
+        """Server shutdown: say so, stop taking requests, keep flushing (section 6)."""
+        if self.state in (State.HANDSHAKE, State.CLOSED):
+            self.close_reason = self.close_reason or CloseReason.SHUTDOWN
+            self._abort_socket()
+            return
+        if self.state is not State.DRAINING:
+            self._move(State.DRAINING)
+            self.send({"type": "shutdown", "reason": "server shutting down", "reconnect_after": reconnect_after_ms})
+
+    @property
+    def flushed(self) -> bool:
+        return not self._pending and self._writer is None
+
+    def end_drain(self) -> None:
+        self.close_reason = self.close_reason or CloseReason.SHUTDOWN
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _finish(self) -> None:
+        """Hand the session back to the hub, write what is owed, then shut the socket down."""
+        reason = self.close_reason or CloseReason.PEER_CLOSED
+        session, self.session = self.session, None
+        if session is not None:
+            if reason is CloseReason.BYE:
+                self.hub.end(session)
+            else:
+                self.hub.detach(session, self)
+        if reason not in NO_FLUSH_REASONS:
+            self._flush_before_close()
+        if self._writer is not None:
+            self._writer.kill(block=True)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.state = State.CLOSED
+        self._abort_socket()
+        self.sock.close()
+        metrics.connections_closed.labels(reason.value).inc()
+        log.info("close %s:%s nick=%s reason=%s duration=%.1fs", self.address[0], self.address[1],
+                 session.nick if session else "-", reason.value, time.monotonic() - self.opened)
+
+    def _flush_before_close(self) -> None:
+        with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
+            if self._writer is not None:
+                self._writer.join()
+            if self._pending:
+                data = b"".join(self._pending)
+                self._pending.clear()
+                try:
+                    self.sock.sendall(data)
+                    metrics.bytes_out.inc(len(data))
+                except OSError:
+                    pass
+
+
+def server_name() -> str:
+    from gochat import __version__
+
+    return f"gochat/{__version__}"

@@ -1,0 +1,273 @@
+"""The hub of one node: sessions, their room memberships, and fan-out to local connections.
+
+Ownership (the gorilla ``hub.go`` rule): only the hub reads or writes ``Session`` objects
+and the local member maps; connections call the hub's methods and receive ``Outgoing``
+messages through ``deliver``, never touching each other. Shared state (nicks, seqs,
+history, membership lists) lives in the broker, so a Redis broker makes several hubs one
+service. Every method runs to completion without yielding, so with the memory broker a
+room's messages reach every member in seq order without locks.
+
+Session rules:
+
+1. A session is created by ``hello`` and holds a nick until ``bye``, or until it has been
+   detached (no live connection) for ``resume_window`` seconds; then it goes offline.
+2. A detached session stays a member of its rooms (``who`` lists it) but receives nothing;
+   on resume it gets live messages again and, through ``join`` with ``since``, exactly the
+   ones it missed: replay stops at the seq the room had when the session was resumed.
+3. Text-mode sessions cannot resume: they go offline when their connection ends.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Protocol
+
+import gevent
+
+from gochat import metrics
+from gochat.broker import Broker
+from gochat.protocol import DEFAULT_HISTORY_LIMIT, NICK_RE, Outgoing, ProtocolError
+
+log = logging.getLogger("gochat.hub")
+
+REMEMBERED_ACKS = 1024  # per session; msg and dm ids share the space (PROTOCOL.md section 5)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Peer(Protocol):
+    """The side of a connection the hub may use."""
+
+    def deliver(self, out: Outgoing) -> None: ...
+
+    def takeover(self) -> None: ...
+
+
+class Session:
+    """A nick's presence on this node; survives its connection for ``resume_window``."""
+
+    __slots__ = ("id", "nick", "key", "resumable", "rooms", "acks", "peer", "resume_marks", "expiry")
+
+    def __init__(self, nick: str, resumable: bool) -> None:
+        self.id = secrets.token_urlsafe(24)  # 192 random bits: a bearer credential
+        self.nick = nick
+        self.key = nick.lower()
+        self.resumable = resumable
+        self.rooms: dict[str, None] = {}  # ordered: the last is the most recently joined
+        self.acks: OrderedDict[Any, dict] = OrderedDict()
+        self.peer: Peer | None = None
+        self.resume_marks: dict[str, int] = {}
+        self.expiry: gevent.Greenlet | None = None
+
+    @property
+    def current_room(self) -> str | None:
+        return next(reversed(self.rooms), None)
+
+    def remember_ack(self, rid: Any, ack: dict) -> None:
+        self.acks[rid] = ack
+        if len(self.acks) > REMEMBERED_ACKS:
+            self.acks.popitem(last=False)
+
+    def replayed_ack(self, rid: Any) -> dict | None:
+        ack = self.acks.get(rid) if rid is not None else None
+        return None if ack is None else {**ack, "dup": True}
+
+
+class Hub:
+    def __init__(self, broker: Broker, resume_window: float, history_size: int,
+                 authenticate: Callable[[str], str] | None = None) -> None:
+        self.broker = broker
+        self.resume_window = resume_window
+        self.history_size = history_size
+        self.authenticate = authenticate
+        self.sessions: dict[str, Session] = {}  # by session id
+        self.by_nick: dict[str, Session] = {}  # by nick key, local sessions only
+        self.local_members: dict[str, dict[str, Session]] = {}  # room -> nick key -> session
+        self.messages_posted = 0
+        self.deliveries = 0
+        broker.start(self)
+
+    # ------------------------------------------------------------ sessions
+
+    def hello(self, nick: str | None, token: str | None, resume: str | None, peer: Peer,
+              resumable: bool) -> Session:
+        """Start or resume a session for ``peer``; raises the session-start errors of section 2."""
+        if resume is not None:
+            return self._resume(resume, peer)
+        if self.authenticate is not None:
+            nick = self.authenticate(token or "")
+        elif nick is None:
+            raise ProtocolError("bad_request", "hello needs a nick")
+        if not NICK_RE.match(nick):
+            raise ProtocolError("bad_nick", f"bad nick {nick[:40]!r}")
+        session = Session(nick, resumable)
+        if not self.broker.claim_nick(session.key, session.id):
+            raise ProtocolError("nick_taken", f"nick {nick!r} is in use")
+        session.peer = peer
+        self.sessions[session.id] = session
+        self.by_nick[session.key] = session
+        return session
+
+    def _resume(self, session_id: str, peer: Peer) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or not session.resumable:
+            raise ProtocolError("bad_session")
+        if session.expiry is not None:
+            session.expiry.kill(block=False)
+            session.expiry = None
+        if session.peer is not None:
+            session.peer.takeover()
+        session.peer = peer
+        session.resume_marks = {room: self.broker.room_seq(room)[0] for room in session.rooms}
+        return session
+
+    def detach(self, session: Session, peer: Peer) -> None:
+        """The connection of ``session`` ended without ``bye``: keep it for resume (rule 1)."""
+        if session.peer is not peer:
+            return  # taken over by a newer connection
+        session.peer = None
+        if not session.resumable or self.resume_window <= 0:
+            self.end(session)
+        else:
+            session.expiry = gevent.spawn_later(self.resume_window, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        session.expiry = None
+        self.end(session)
+
+    def end(self, session: Session) -> None:
+        """``bye`` or an expired resume window: the nick goes offline in every room."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        if session.expiry is not None:
+            session.expiry.kill(block=False)
+            session.expiry = None
+        session.peer = None
+        self.by_nick.pop(session.key, None)
+        offline = Outgoing({"type": "presence", "nick": session.nick, "status": "offline"})
+        for room in list(session.rooms):
+            self._remove_member(session, room)
+            self.broker.publish(room, Outgoing({**offline.message, "room": room}), session.key)
+        self.broker.release_nick(session.key, session.id)
+
+    def stop(self) -> None:
+        """Cancel the resume timers this hub owns (server shutdown)."""
+        for session in list(self.sessions.values()):
+            if session.expiry is not None:
+                session.expiry.kill(block=False)
+                session.expiry = None
+
+    # ------------------------------------------------------------ requests
+
+    def join(self, session: Session, room: str, since: int | None) -> tuple[dict, list[Outgoing]]:
+        """The ``joined`` reply and the replay (rule 2) for a join request."""
+        if room in session.rooms:
+            del session.rooms[room]  # re-joining makes it the most recent room again
+            session.rooms[room] = None
+            upto = session.resume_marks.pop(room, None)
+        else:
+            session.rooms[room] = None
+            self.local_members.setdefault(room, {})[session.key] = session
+            self.broker.add_member(room, session.nick)
+            self.broker.publish(room, Outgoing({"type": "presence", "room": room, "nick": session.nick,
+                                                "status": "join"}), session.key)
+            upto = None
+        seq, first_seq = self.broker.room_seq(room)
+        joined = {"type": "joined", "room": room, "seq": seq, "first_seq": first_seq,
+                  "members": self.broker.members(room)}
+        replay = [] if since is None else self.broker.history(room, since, None, upto)
+        return joined, replay
+
+    def leave(self, session: Session, room: str) -> None:
+        if room not in session.rooms:
+            raise ProtocolError("not_in_room", f"not in room {room}")
+        self._remove_member(session, room)
+        self.broker.publish(room, Outgoing({"type": "presence", "room": room, "nick": session.nick,
+                                            "status": "leave"}), session.key)
+
+    def _remove_member(self, session: Session, room: str) -> None:
+        session.rooms.pop(room, None)
+        session.resume_marks.pop(room, None)
+        members = self.local_members.get(room)
+        if members is not None:
+            members.pop(session.key, None)
+            if not members:
+                del self.local_members[room]
+        self.broker.remove_member(room, session.nick)
+
+    def post(self, session: Session, room: str, text: str, rid: Any) -> dict:
+        """Sequence, retain and fan out a msg; the returned ack is the promise of section 3."""
+        dup = session.replayed_ack(rid)
+        if dup is not None:
+            return dup
+        if room not in session.rooms:
+            raise ProtocolError("not_in_room", f"not in room {room}")
+        ts = now_ms()
+        message = {"type": "msg", "room": room, "from": session.nick, "text": text, "seq": 0, "ts": ts}
+        if rid is not None:
+            message["id"] = rid
+        out = self.broker.append(room, message)
+        ack = {"type": "ack", "room": room, "seq": out.message["seq"], "ts": ts}
+        if rid is not None:
+            ack["id"] = rid
+            session.remember_ack(rid, ack)
+        self.messages_posted += 1
+        return ack
+
+    def dm(self, session: Session, to: str, text: str, rid: Any) -> dict:
+        dup = session.replayed_ack(rid)
+        if dup is not None:
+            return dup
+        ts = now_ms()
+        out = Outgoing({"type": "dm", "from": session.nick, "text": text, "ts": ts})
+        if not NICK_RE.match(to) or not self.broker.send_dm(to.lower(), out):
+            raise ProtocolError("no_such_user", f"{to[:40]!r} is not online")
+        ack = {"type": "ack", "ts": ts}
+        if rid is not None:
+            ack["id"] = rid
+            session.remember_ack(rid, ack)
+        return ack
+
+    def who(self, room: str) -> list[str]:
+        return self.broker.members(room)
+
+    def rooms(self) -> list[dict]:
+        return self.broker.rooms()
+
+    def history(self, room: str, since: int, limit: int | None) -> list[dict]:
+        """Limit defaults to 100 and is capped at ``history_size``: more is never retained."""
+        limit = min(DEFAULT_HISTORY_LIMIT if limit is None else limit, max(1, self.history_size))
+        return [out.message for out in self.broker.history(room, since, limit)]
+
+    # ------------------------------------------------------------ from the broker
+
+    def deliver_room(self, room: str, out: Outgoing, exclude: str | None) -> None:
+        """Fan out to this node's live members: one ``deliver`` each, never a wait."""
+        members = self.local_members.get(room)
+        if not members:
+            return
+        count = 0
+        for key, session in members.items():
+            peer = session.peer
+            if peer is not None and key != exclude:
+                peer.deliver(out)
+                count += 1
+        self.deliveries += count
+        metrics.deliveries.inc(count)
+
+    def deliver_dm(self, nick_key: str, out: Outgoing) -> bool:
+        session = self.by_nick.get(nick_key)
+        if session is None or session.peer is None:
+            return False
+        session.peer.deliver(out)
+        self.deliveries += 1
+        metrics.deliveries.inc()
+        return True
+
+    @property
+    def awaiting_resume(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.peer is None)

@@ -1,0 +1,259 @@
+"""Listening, accepting, connection caps, signals and the graceful drain.
+
+Life cycle (uvicorn's startup / main loop / shutdown): ``start`` binds and begins accepting;
+``serve_forever`` waits for a signal; the first SIGTERM or SIGINT runs ``drain`` (PROTOCOL.md
+section 6), a second one exits at once with status 1. Signal handlers only spawn the drain.
+
+``StreamServer`` spawns one greenlet per accepted connection into a ``gevent.pool.Pool``:
+Go's ``go handleConn(conn)`` under a semaphore. The caps themselves are checked here, not by
+the pool: a full pool would stop accepting and leave clients hanging in the kernel backlog,
+where PROTOCOL.md wants them told ``too_many_connections``.
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import random
+import resource
+import signal
+import socket
+import time
+from collections import Counter
+
+import gevent
+import greenlet
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from gochat import broker as brokers
+from gochat import metrics
+from gochat.auth import jwt_authenticator
+from gochat.config import Config
+from gochat.conn import Connection, Flusher
+from gochat.hub import Hub
+from gochat.protocol import Decoder, ProtocolError, encode
+
+log = logging.getLogger("gochat.server")
+
+REJECT_HEADROOM = 256  # greenlets beyond max_connections for answering too_many_connections
+REJECT_READ_TIMEOUT = 2.0  # seconds a rejected client gets to show its codec
+FD_RESERVE = 100  # descriptors kept for the listener, the admin port, logs and the broker
+DRAIN_POLL = 0.05  # seconds between checks that every client's output is written
+RECONNECT_AFTER_MS = (1000, 5000)  # jittered so that clients do not come back as one storm
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft open-file limit to the hard one; returns (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
+
+
+def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A bound, listening socket; SO_REUSEPORT is set before bind, which gevent's own listener cannot do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def count_greenlets() -> int:
+    """Every live greenlet in the process (a full GC walk: for /stats, not for hot paths)."""
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet) and not obj.dead)
+
+
+class Server:
+    def __init__(self, config: Config, listener: socket.socket | None = None) -> None:
+        self.config = config
+        self.started = time.time()
+        self.nofile = raise_nofile_limit()
+        self.max_connections = self._connection_cap()
+        self.broker = brokers.create(config.broker, config.history_size)
+        self.hub = Hub(self.broker, config.resume_window, config.history_size, jwt_authenticator(config))
+        self.flusher = Flusher()
+        self.connections: set[Connection] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.pool = Pool(self.max_connections + REJECT_HEADROOM)
+        self.draining = False
+        self.done = Event()
+        self._signals = 0
+        ssl_args = {"certfile": config.tls_cert, "keyfile": config.tls_key} if config.tls_cert else {}
+        self.tls = bool(ssl_args)
+        self.stream_server = StreamServer(listener or (config.host, config.port), self._handle,
+                                          spawn=self.pool, **ssl_args)
+        self.admin = None
+        self._register_gauges()
+
+    def _connection_cap(self) -> int:
+        soft, hard = self.nofile
+        fits = max(1, soft - FD_RESERVE)
+        log.info("open-file limit: soft %d, hard %d", soft, hard)
+        wanted = self.config.max_connections
+        if wanted == 0:
+            return fits
+        if wanted > fits:
+            log.warning("max_connections %d does not fit the open-file limit %d: at most %d connections "
+                        "will be served (raise the hard limit, e.g. LimitNOFILE in systemd)", wanted, soft, fits)
+            return fits
+        return wanted
+
+    def _register_gauges(self) -> None:
+        metrics.gauge("gochat_connections", "Open client connections", lambda: len(self.connections))
+        metrics.gauge("gochat_sessions", "Sessions on this node", lambda: len(self.hub.sessions))
+        metrics.gauge("gochat_sessions_awaiting_resume", "Sessions without a connection",
+                      lambda: self.hub.awaiting_resume)
+        metrics.gauge("gochat_rooms", "Rooms with members on this node", lambda: len(self.hub.local_members))
+        metrics.gauge("gochat_handler_greenlets", "Connection handler greenlets", lambda: len(self.pool))
+        metrics.gauge("gochat_broker_up", "1 while the broker is reachable", lambda: float(self.broker.available))
+        metrics.gauge("gochat_draining", "1 while the server drains", lambda: float(self.draining))
+
+    # ------------------------------------------------------------ life cycle
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.stream_server.address[:2]
+
+    def start(self) -> None:
+        self.stream_server.start()
+        if self.config.admin_port:
+            from gochat.admin import AdminServer
+
+            self.admin = AdminServer(self)
+            self.admin.start()
+        host, port = self.address
+        admin = f"{self.config.admin_host}:{self.admin.port}" if self.admin else "off"
+        log.info("gochat listening on %s:%d (admin %s, broker %s, max_connections %d)",
+                 host, port, admin, self.config.broker, self.max_connections)
+
+    def serve_forever(self) -> int:
+        """Run until a signal has drained the server; the exit status (0, or 1 for a second signal)."""
+        self.start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self._on_signal, signum)
+        self.done.wait()
+        return 0
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(1)  # a second signal: stop now, drain or not (section 6)
+        log.info("%s: draining", signal.Signals(signum).name)
+        gevent.spawn(self.drain)
+
+    def drain(self) -> None:
+        """Graceful shutdown, in the order of PROTOCOL.md section 6."""
+        self.draining = True
+        self.stream_server.close()
+        for conn in list(self.connections):
+            conn.begin_drain(random.randint(*RECONNECT_AFTER_MS))
+        deadline = time.monotonic() + self.config.drain_timeout
+        while time.monotonic() < deadline and not all(c.flushed for c in self.connections):
+            gevent.sleep(DRAIN_POLL)
+        for conn in list(self.connections):
+            conn.end_drain()
+        if not self.pool.join(timeout=2.0):
+            self.pool.kill(block=True, timeout=1.0)
+        self.hub.stop()
+        self.broker.stop()
+        if self.admin:
+            self.admin.stop()
+        log.info("drained; exiting")
+        self.done.set()
+
+    # ------------------------------------------------------------ accepting
+
+    def _handle(self, sock: socket.socket, address: tuple) -> None:
+        """The greenlet of one accepted connection (``go handleConn(conn)``)."""
+        metrics.connections_accepted.inc()
+        ip = address[0]
+        cap_ip = self.config.max_conns_per_ip
+        if self.draining:
+            return
+        if len(self.connections) >= self.max_connections:
+            self._reject(sock, "max_connections")
+            return
+        if cap_ip and self.per_ip[ip] >= cap_ip:
+            self._reject(sock, "max_conns_per_ip")
+            return
+        self._tune(sock)
+        conn = Connection(sock, address, self.config, self.hub, self.flusher, tls=self.tls)
+        self.connections.add(conn)
+        self.per_ip[ip] += 1
+        try:
+            conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+
+    @staticmethod
+    def _tune(sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle + delayed-ACK stalls
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # finds dead text-mode peers
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTCONN, errno.ECONNRESET):
+                raise
+
+    def _reject(self, sock: socket.socket, reason: str) -> None:
+        """Answer too_many_connections in the client's own codec, once its first bytes show it."""
+        metrics.connections_rejected.labels(reason).inc()
+        decoder = Decoder(self.config.max_frame_bytes)
+        sock.settimeout(REJECT_READ_TIMEOUT)
+        try:
+            while decoder.codec is None:
+                data = sock.recv(4096)
+                if not data:
+                    return
+                decoder.receive_data(data)
+                try:
+                    decoder.next_event()
+                except ProtocolError:
+                    pass
+            error = ProtocolError("too_many_connections", f"server connection limit reached ({reason})")
+            metrics.errors_sent.labels(error.code).inc()
+            sock.sendall(encode(error.to_message(), decoder.codec))
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ status
+
+    def ready(self) -> tuple[bool, str | None]:
+        if self.draining:
+            return False, "draining"
+        if not self.broker.available:
+            return False, "broker"
+        if len(self.connections) >= self.max_connections:
+            return False, "full"
+        return True, None
+
+    def stats(self) -> dict:
+        return {
+            "connections": len(self.connections),
+            "sessions": len(self.hub.sessions),
+            "sessions_awaiting_resume": self.hub.awaiting_resume,
+            "rooms": len(self.broker.rooms()),
+            "greenlets": count_greenlets(),
+            "handler_greenlets": len(self.pool),
+            "messages_in": self.hub.messages_posted,
+            "deliveries": self.hub.deliveries,
+            "uptime_s": round(time.time() - self.started, 3),
+            "max_connections": self.max_connections,
+            "open_files_limit": self.nofile[0],
+            "draining": self.draining,
+            "broker": self.config.broker.split("@")[-1],
+        }

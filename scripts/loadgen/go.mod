@@ -1,0 +1,3 @@
+module gochat-loadgen
+
+go 1.19
