@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"math/bits"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -25,7 +26,7 @@ import (
 // whatever the replies; the embedded time is the scheduled time, so a
 // server that falls behind shows it in latency (no coordinated omission).
 
-// receiver is one member connection. All fields but unique are owned by
+// receiver is one member connection. All fields but the atomics are owned by
 // its reader goroutine and read by main only after that goroutine ends.
 type receiver struct {
 	c            *conn
@@ -74,6 +75,8 @@ type sender struct {
 	lagMax   time.Duration
 	acked    atomic.Uint64
 	rejected atomic.Uint64
+	gone     atomic.Bool // connection closed by the server
+	ackedSet seqTrack    // gochat: seqs acked (reader goroutine)
 	ackLat   hist
 	errs     counts        // reader goroutine
 	sendErrs counts        // send goroutine
@@ -83,6 +86,9 @@ type sender struct {
 }
 
 const timesRing = 1 << 16
+
+// maxSeq bounds seqs taken from the wire before they index a bitset.
+const maxSeq = 1 << 32
 
 type sendTime struct {
 	seq atomic.Uint64
@@ -205,25 +211,24 @@ func runFanout(cfg *config) map[string]any {
 	senders.Wait()
 	sendDur := time.Since(t0)
 
-	// Drain: wait until every message is acked or rejected and every
-	// member still connected has every message, or -drain passes.
+	// Drain: wait until every sender has all its replies (or lost its
+	// connection) and every member still connected has every expected
+	// message, or -drain passes.
 	var sent uint64
 	for _, s := range sends {
 		sent += s.sent
 	}
 	drainStart := time.Now()
 	for time.Since(drainStart) < cfg.drain {
-		var replied, rejected uint64
+		complete := true
+		var want uint64
 		for _, s := range sends {
-			replied += s.acked.Load() + s.rejected.Load()
-			rejected += s.rejected.Load()
+			acked := s.acked.Load()
+			complete = complete && (acked+s.rejected.Load() >= s.sent || s.gone.Load())
+			want += f.expectedOf(s, acked)
 		}
-		complete := replied >= sent
 		for _, r := range recvs {
-			if !complete {
-				break
-			}
-			complete = r.unique.Load() >= sent-rejected || r.disconnected.Load()
+			complete = complete && (r.unique.Load() >= want || r.disconnected.Load())
 		}
 		if complete {
 			break
@@ -237,7 +242,6 @@ func runFanout(cfg *config) map[string]any {
 	// Merge what each goroutine counted.
 	var acked, rejected, delivered, unique, dups, ooo, foreign uint64
 	var lagMax time.Duration
-	var uniqueConnected uint64 // at members the server never closed
 	disconnected := 0
 	errs := counts{}
 	var lat, ackLat histSum
@@ -261,20 +265,25 @@ func runFanout(cfg *config) map[string]any {
 		errs.add(r.errs)
 		if r.disconnected.Load() {
 			disconnected++
-		} else {
-			uniqueConnected += r.unique.Load()
 		}
 	}
-	expected := (sent - rejected) * uint64(len(recvs))
-	lost := uint64(0)
-	if expected > unique {
-		lost = expected - unique
+	// Expected: every message each member should have, by seq (see
+	// expectedSet); lost: those a member never got.
+	var expected, lost, lostConnected uint64
+	sets := make([][]uint64, len(sends))
+	for _, s := range sends {
+		sets[s.id] = f.expectedSet(s)
+		expected += popcount(sets[s.id]) * uint64(len(recvs))
 	}
-	// Loss where it must not happen: at members that stayed connected.
-	expConnected := (sent - rejected) * uint64(len(recvs)-disconnected)
-	lostConnected := uint64(0)
-	if expConnected > uniqueConnected {
-		lostConnected = expConnected - uniqueConnected
+	for _, r := range recvs {
+		for _, s := range sends {
+			missing := countMissing(sets[s.id], r.track[s.id].seen)
+			lost += missing
+			// Loss where it must not happen: the server closed neither end.
+			if !r.disconnected.Load() && !s.gone.Load() {
+				lostConnected += missing
+			}
+		}
 	}
 	res["duration_s"] = round3(sendDur.Seconds())
 	res["sent"] = sent
@@ -299,6 +308,51 @@ func runFanout(cfg *config) map[string]any {
 		res["max_send_lag_ms"] = round3(lagMax.Seconds() * 1000)
 	}
 	return res
+}
+
+// expectedSet is the set of seqs of s every member must receive, as a
+// bitset. gochat: the acked ones (the ack is the server's promise; a
+// rejected or never-acked message is not owed). raw: all sent, since the
+// broadcaster gives no promise beyond the echo.
+func (f *fanout) expectedSet(s *sender) []uint64 {
+	if f.cfg.proto == protoGochat {
+		return s.ackedSet.seen
+	}
+	set := make([]uint64, s.sent/64+1)
+	for seq := uint64(1); seq <= s.sent; seq++ {
+		set[seq>>6] |= 1 << (seq & 63)
+	}
+	return set
+}
+
+// expectedOf is how many messages of s each member should get, as far as
+// is known while draining (raw: if the broadcaster dropped the sender,
+// its own echoes show how much it took).
+func (f *fanout) expectedOf(s *sender, acked uint64) uint64 {
+	if f.cfg.proto == protoGochat || s.gone.Load() {
+		return acked
+	}
+	return s.sent
+}
+
+func popcount(set []uint64) uint64 {
+	n := 0
+	for _, w := range set {
+		n += bits.OnesCount64(w)
+	}
+	return uint64(n)
+}
+
+// countMissing counts the bits of want that are not in have.
+func countMissing(want, have []uint64) uint64 {
+	n := 0
+	for i, w := range want {
+		if i < len(have) {
+			w &^= have[i]
+		}
+		n += bits.OnesCount64(w)
+	}
+	return uint64(n)
 }
 
 // open dials connection i and, for gochat, says hello and joins the room.
@@ -539,7 +593,7 @@ func (f *fanout) receive(r *receiver) {
 		}
 		now := time.Now().UnixNano()
 		id, seq, ns, ok := parseText(text)
-		if !ok || id >= len(r.track) {
+		if !ok || id >= len(r.track) || seq == 0 || seq > maxSeq {
 			r.foreign++
 			continue
 		}
@@ -567,6 +621,7 @@ func (f *fanout) ackLoop(s *sender) {
 		if err != nil {
 			if !f.stopping.Load() {
 				s.errs["sender_"+errKind(err)]++
+				s.gone.Store(true)
 			}
 			return
 		}
@@ -589,7 +644,12 @@ func (f *fanout) ackLoop(s *sender) {
 		}
 		switch string(ev.typ) {
 		case "ack":
-			if !ev.hasID {
+			if !ev.hasID || ev.id <= 0 || ev.id > maxSeq {
+				s.errs["bad_ack_id"]++
+				continue
+			}
+			if dup, _ := s.ackedSet.mark(uint64(ev.id)); dup {
+				s.errs["duplicate_ack"]++
 				continue
 			}
 			s.acked.Add(1)
