@@ -122,7 +122,8 @@ class Client:
         finally:
             self.closed = True
             for waiter in list(self._waiting.values()):
-                waiter.set(CLOSED)
+                if not waiter.ready():  # a reply that came just before the close still counts
+                    waiter.set(CLOSED)
             self.inbox.put(CLOSED)
 
     def _route(self, message: dict) -> None:
