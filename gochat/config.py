@@ -7,6 +7,7 @@ Tests build a :class:`Config` directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -77,7 +78,10 @@ class Setting:
                 raise ValueError(raw)
             return int(raw)
         if self.type is float:
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # nan passes every range check; 0, not inf, turns a feature off
+                raise ValueError(raw)
+            return value
         return str(raw)
 
 

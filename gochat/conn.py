@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import socket
 import time
 from typing import Any, Callable
@@ -60,6 +61,9 @@ RECV_BYTES = 65536
 CLOSE_FLUSH_TIMEOUT = 2.0  # seconds a closing connection may take to write what it owes
 TEXT_LOBBY = "lobby"
 RATE_EXEMPT = ("pong", "bye")  # section 6: every request but these takes a token
+# Tests prove that a failing handler closes only its own connection: with this set in the
+# server's environment, a request of type "test_fault" raises inside the handler.
+FAULT_INJECTION = os.environ.get("GOCHAT_TEST_FAULTS") == "1"
 
 
 class State(enum.Enum):
@@ -312,6 +316,8 @@ class Connection:
     # ------------------------------------------------------------ requests
 
     def _on_request(self, obj: dict) -> None:
+        if FAULT_INJECTION and obj.get("type") == "test_fault":
+            raise RuntimeError("fault injected by test_fault")
         request = parse_request(obj, self.config.max_text_chars)
         metrics.messages_in.labels(obj["type"]).inc()
         if self.state is State.DRAINING:

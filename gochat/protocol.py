@@ -147,6 +147,7 @@ class Decoder:
         self._buf = bytearray()
         self._pos = 0  # start of unconsumed data; compacted lazily so a burst is not O(n^2)
         self._scan = 0  # where the newline search resumes, so a slow line is not rescanned
+        self._blanks_seen = False  # GCF1 counts only as the very first bytes, however they are chunked
 
     @property
     def buffered(self) -> int:
@@ -180,15 +181,17 @@ class Decoder:
     def _detect(self) -> bool:
         buf, pos = self._buf, self._pos
         head = bytes(buf[pos : pos + 4])
-        if head == FRAME_MAGIC:
-            self.codec = Codec.FRAMES
-            self._pos = self._scan = pos + 4
-            return True
-        if FRAME_MAGIC.startswith(head):  # empty or a strict prefix: wait
-            return False
+        if not self._blanks_seen:
+            if head == FRAME_MAGIC:
+                self.codec = Codec.FRAMES
+                self._pos = self._scan = pos + 4
+                return True
+            if FRAME_MAGIC.startswith(head):  # empty or a strict prefix: wait
+                return False
         end = len(buf)
         while pos < end and buf[pos] in BLANKS:
             pos += 1
+        self._blanks_seen = self._blanks_seen or pos > self._pos
         self._pos = self._scan = pos
         if pos == end:
             return False

@@ -131,3 +131,20 @@ def test_second_hello_is_bad_request(start_server, chat):
     with pytest.raises(ChatError) as err:
         a.hello(nick="second")
     assert err.value.code == "bad_request"
+
+
+def test_handler_exception_closes_only_that_connection(start_server, chat, raw):
+    s = start_server(test_faults=1)
+    watcher = chat(s.port, "watcher", room="r")
+    victim = raw(s.port)
+    victim.send({"type": "hello", "nick": "victim"})
+    victim.expect("welcome")
+    victim.send({"type": "join", "room": "r"})
+    victim.expect("joined")
+    victim.send({"type": "test_fault"})
+    assert victim.closed()
+    s.wait_for_log(r"Traceback")
+    s.wait_for_log(r"RuntimeError: fault injected by test_fault")
+    assert watcher.send("r", "still here")["seq"] == 1
+    assert "gochat_handler_exceptions_total 1.0" in s.admin("/metrics")[1]
+    assert 'gochat_connections_closed_total{reason="handler_exception"} 1.0' in s.admin("/metrics")[1]
