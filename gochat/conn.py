@@ -54,6 +54,7 @@ from gochat.protocol import (
     parse_text_line,
 )
 from gochat.limits import TokenBucket
+from gochat.outbox import Outbox, RoomFeed
 
 log = logging.getLogger("gochat.conn")
 
@@ -127,14 +128,28 @@ class Flusher:
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
+        self._turn_end: list[Callable[[], None]] = []
+        self._scheduled = False
         self._loop = gevent.get_hub().loop
 
-    def schedule(self, conn: "Connection") -> None:
-        if not self._dirty:
+    def at_turn_end(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` before each round of writes (the hub seals its room feeds there)."""
+        self._turn_end.append(callback)
+
+    def request(self) -> None:
+        """Make sure a round of writes runs once the current greenlet yields."""
+        if not self._scheduled:
+            self._scheduled = True
             self._loop.run_callback(self._run)
+
+    def schedule(self, conn: "Connection") -> None:
         self._dirty.append(conn)
+        self.request()
 
     def _run(self) -> None:
+        self._scheduled = False
+        for callback in self._turn_end:
+            callback()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
@@ -160,9 +175,8 @@ class Connection:
         self.last_recv = self.opened
         self.pings_unanswered = 0
         self.last_ping_ts: int | None = None
-        # output: encoded bytes waiting for the flusher or the writer greenlet
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        # output: what waits for the flusher, or for the writer greenlet while one exists
+        self.outbox = Outbox(None)
         self._flush_scheduled = False
         self._writer: Greenlet | None = None
         # A plain TCP socket can be written without blocking from the flusher; TLS cannot
@@ -276,7 +290,7 @@ class Connection:
 
     def _codec_known(self) -> None:
         if self.state is State.HANDSHAKE and self.decoder.codec is not None:
-            self.codec = self.decoder.codec
+            self.codec = self.outbox.codec = self.decoder.codec
             self._move(State.GREETING)
 
     def _on_event(self, event: dict | str) -> None:
@@ -419,9 +433,18 @@ class Connection:
         self._enqueue(b"".join(chunks))
 
     def deliver(self, out: Outgoing) -> None:
-        """Called by the hub for fan-out: encode once per codec, buffer, never wait."""
-        if self.state is not State.CLOSED and self.close_reason is not CloseReason.SLOW_CONSUMER:
+        """Called by the hub for a message to this connection alone: buffer it, never wait."""
+        if self.close_reason is not CloseReason.SLOW_CONSUMER:
             self._enqueue(out.encoded(self.codec))
+
+    def follow(self, feed: RoomFeed) -> None:
+        """Called by the hub: this connection gets the room feed's messages from now on."""
+        if self.state is not State.CLOSED and self.close_reason is not CloseReason.SLOW_CONSUMER:
+            self.outbox.follow(feed)
+            self._schedule()
+
+    def unfollow(self, feed: RoomFeed) -> None:
+        self.outbox.unfollow(feed)
 
     def fail(self, error: ProtocolError, reason: CloseReason | None = None) -> None:
         """Send an error; for closing codes, end the connection once it is written."""
@@ -432,38 +455,46 @@ class Connection:
             self.close_reason = self.close_reason or reason or ERROR_CLOSE_REASONS[error.code]
 
     def _enqueue(self, data: bytes) -> None:
-        if not data or self.state is State.CLOSED:
-            return
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        # One message always fits an empty buffer, however large (a big history reply).
-        if self._pending_bytes > self.config.max_outbound_bytes and self._pending_bytes > len(data):
+        if data and self.state is not State.CLOSED:
+            self.outbox.add(data)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._writer is not None and self.outbox.size > self.config.max_outbound_bytes:
             self._overflow()
-            return
-        if not self._flush_scheduled and self._writer is None:
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.flusher.schedule(self)
 
     def _overflow(self) -> None:
-        """Slow consumer: drop the backlog, say why if it still fits, and close (nats queueOutbound)."""
+        """Slow consumer: drop the backlog and close (nats queueOutbound, gorilla's default case).
+
+        It only happens while the kernel's buffer is full in the middle of a write, so the
+        slow_consumer error cannot be appended without corrupting that write: it is counted
+        and logged as the close reason instead.
+        """
         self.close_reason = CloseReason.SLOW_CONSUMER
         metrics.errors_sent.labels("slow_consumer").inc()
-        self._pending.clear()
-        self._pending_bytes = 0
-        if self._writer is None and self._send_nowait is not None:
-            try:
-                self._send_nowait(encode(ProtocolError("slow_consumer").to_message(), self.codec))
-            except OSError:
-                pass
+        self.outbox.clear()
         self._abort_socket()
 
     def flush(self) -> None:
-        """Write what is pending without blocking; the Flusher calls this once per loop turn."""
+        """Write what is pending without blocking; the Flusher calls this once per loop turn.
+
+        While a writer greenlet owns the socket, only count what piled up behind it: more
+        than ``max_outbound_bytes`` waiting there makes a slow consumer.
+        """
         self._flush_scheduled = False
-        if self._writer is not None or not self._pending or self.state is State.CLOSED:
+        if self.state is State.CLOSED or not self.outbox:
             return
-        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending.clear()
+        if self._writer is not None:
+            self.outbox.materialize()
+            if self.outbox.size > self.config.max_outbound_bytes:
+                self._overflow()
+            return
+        data = self.outbox.take()
+        if not data:
+            return
         sent = 0
         if self._send_nowait is not None:
             try:
@@ -471,28 +502,22 @@ class Connection:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self._pending_bytes = 0
                 self.close_reason = self.close_reason or CloseReason.IO_ERROR
                 self._abort_socket()
                 return
-        self._pending_bytes -= sent
         metrics.bytes_out.inc(sent)
         if sent < len(data):
-            self._pending.append(data[sent:])
-            self._writer = gevent.spawn(self._write_backlog)
+            self._writer = gevent.spawn(self._write_backlog, data[sent:])
 
-    def _write_backlog(self) -> None:
-        """The writer greenlet: exists only while the kernel buffer is full."""
+    def _write_backlog(self, data: bytes) -> None:
+        """The writer greenlet: exists only while the kernel buffer is full, then exits."""
         try:
-            while self._pending:
-                data = b"".join(self._pending)
-                self._pending.clear()
+            while data:
                 self.sock.sendall(data)
-                self._pending_bytes -= len(data)
                 metrics.bytes_out.inc(len(data))
+                data = self.outbox.take() if self.outbox else b""
         except OSError:
-            self._pending.clear()
-            self._pending_bytes = 0
+            self.outbox.clear()
             self.close_reason = self.close_reason or CloseReason.IO_ERROR
             self._abort_socket()
         finally:
@@ -525,7 +550,7 @@ class Connection:
 
     @property
     def flushed(self) -> bool:
-        return not self._pending and self._writer is None
+        return not self.outbox and self._writer is None
 
     def end_drain(self) -> None:
         self.close_reason = self.close_reason or CloseReason.SHUTDOWN
@@ -550,8 +575,7 @@ class Connection:
             self._flush_before_close()
         if self._writer is not None:
             self._writer.kill(block=True)
-        self._pending.clear()
-        self._pending_bytes = 0
+        self.outbox.clear()
         self.state = State.CLOSED
         self._abort_socket()
         self.sock.close()
@@ -563,9 +587,8 @@ class Connection:
         with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
             if self._writer is not None:
                 self._writer.join()
-            if self._pending:
-                data = b"".join(self._pending)
-                self._pending.clear()
+            if self.outbox:
+                data = self.outbox.take()
                 try:
                     self.sock.sendall(data)
                     metrics.bytes_out.inc(len(data))

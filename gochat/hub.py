@@ -28,6 +28,7 @@ import gevent
 
 from gochat import metrics
 from gochat.broker import Broker
+from gochat.outbox import RoomFeed
 from gochat.protocol import DEFAULT_HISTORY_LIMIT, NICK_RE, Outgoing, ProtocolError
 
 log = logging.getLogger("gochat.hub")
@@ -44,7 +45,19 @@ class Peer(Protocol):
 
     def deliver(self, out: Outgoing) -> None: ...
 
+    def follow(self, feed: RoomFeed) -> None: ...
+
+    def unfollow(self, feed: RoomFeed) -> None: ...
+
     def takeover(self) -> None: ...
+
+
+class Turns(Protocol):
+    """The event-loop turn that writes output (conn.Flusher)."""
+
+    def at_turn_end(self, callback: Callable[[], None]) -> None: ...
+
+    def request(self) -> None: ...
 
 
 class Session:
@@ -78,17 +91,20 @@ class Session:
 
 
 class Hub:
-    def __init__(self, broker: Broker, resume_window: float, history_size: int,
+    def __init__(self, broker: Broker, turns: Turns, resume_window: float, history_size: int,
                  authenticate: Callable[[str], str] | None = None) -> None:
         self.broker = broker
+        self.turns = turns
         self.resume_window = resume_window
         self.history_size = history_size
         self.authenticate = authenticate
         self.sessions: dict[str, Session] = {}  # by session id
         self.by_nick: dict[str, Session] = {}  # by nick key, local sessions only
         self.local_members: dict[str, dict[str, Session]] = {}  # room -> nick key -> session
+        self.feeds: dict[str, RoomFeed] = {}  # room -> its msgs of this turn (outbox.py)
         self.messages_posted = 0
         self.deliveries = 0
+        turns.at_turn_end(self.feeds.clear)  # written out: the next msg starts a new feed
         broker.start(self)
 
     # ------------------------------------------------------------ sessions
@@ -123,12 +139,16 @@ class Hub:
             session.peer.takeover()
         session.peer = peer
         session.resume_marks = {room: self.broker.room_seq(room)[0] for room in session.rooms}
+        for room in session.rooms:
+            self._follow(peer, room)
         return session
 
     def detach(self, session: Session, peer: Peer) -> None:
         """The connection of ``session`` ended without ``bye``: keep it for resume (rule 1)."""
         if session.peer is not peer:
             return  # taken over by a newer connection
+        for room in session.rooms:
+            self._unfollow(peer, room)
         session.peer = None
         if not session.resumable or self.resume_window <= 0:
             self.end(session)
@@ -172,6 +192,8 @@ class Hub:
         else:
             session.rooms[room] = None
             self.local_members.setdefault(room, {})[session.key] = session
+            if session.peer is not None:
+                self._follow(session.peer, room)
             self.broker.add_member(room, session.nick)
             self.broker.publish(room, Outgoing({"type": "presence", "room": room, "nick": session.nick,
                                                 "status": "join"}), session.key)
@@ -192,6 +214,8 @@ class Hub:
     def _remove_member(self, session: Session, room: str) -> None:
         session.rooms.pop(room, None)
         session.resume_marks.pop(room, None)
+        if session.peer is not None:
+            self._unfollow(session.peer, room)
         members = self.local_members.get(room)
         if members is not None:
             members.pop(session.key, None)
@@ -246,18 +270,50 @@ class Hub:
     # ------------------------------------------------------------ from the broker
 
     def deliver_room(self, room: str, out: Outgoing, exclude: str | None) -> None:
-        """Fan out to this node's live members: one ``deliver`` each, never a wait."""
+        """Fan out to this node's live members, never waiting on any of them.
+
+        A msg goes into the room's feed for this turn (outbox.py): the first msg of a turn
+        makes every member follow the feed, later ones are one append. Presence, which
+        skips its subject, goes to each member directly.
+        """
         members = self.local_members.get(room)
         if not members:
             return
-        count = 0
-        for key, session in members.items():
-            peer = session.peer
-            if peer is not None and key != exclude:
-                peer.deliver(out)
-                count += 1
+        if exclude is None:
+            feed = self.feeds.get(room)
+            if feed is None:
+                feed = RoomFeed()
+                for session in members.values():
+                    if session.peer is not None:
+                        session.peer.follow(feed)
+                        feed.followers += 1
+                if not feed.followers:
+                    return
+                self.feeds[room] = feed
+                self.turns.request()
+            feed.outs.append(out)
+            count = feed.followers
+        else:
+            count = 0
+            for key, session in members.items():
+                if session.peer is not None and key != exclude:
+                    session.peer.deliver(out)
+                    count += 1
         self.deliveries += count
         metrics.deliveries.inc(count)
+
+    def _follow(self, peer: Peer, room: str) -> None:
+        """A member joined or came back mid-turn: it gets the rest of this turn's msgs."""
+        feed = self.feeds.get(room)
+        if feed is not None:
+            peer.follow(feed)
+            feed.followers += 1
+
+    def _unfollow(self, peer: Peer, room: str) -> None:
+        feed = self.feeds.get(room)
+        if feed is not None:
+            peer.unfollow(feed)
+            feed.followers -= 1
 
     def deliver_dm(self, nick_key: str, out: Outgoing) -> bool:
         session = self.by_nick.get(nick_key)

@@ -81,8 +81,9 @@ class Server:
         self.nofile = raise_nofile_limit()
         self.max_connections = self._connection_cap()
         self.broker = brokers.create(config.broker, config.history_size)
-        self.hub = Hub(self.broker, config.resume_window, config.history_size, jwt_authenticator(config))
         self.flusher = Flusher()
+        self.hub = Hub(self.broker, self.flusher, config.resume_window, config.history_size,
+                       jwt_authenticator(config))
         self.connections: set[Connection] = set()
         self.per_ip: Counter[str] = Counter()
         self.pool = Pool(self.max_connections + REJECT_HEADROOM)
