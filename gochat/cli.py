@@ -32,6 +32,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(config: Config) -> None:
+    # Under gevent every greenlet would otherwise get a dummy Thread object per log record.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(JsonFormatter())

@@ -59,7 +59,10 @@ from gochat.outbox import Outbox, RoomFeed
 log = logging.getLogger("gochat.conn")
 
 RECV_BYTES = 65536
+INFINITY = float("inf")
 CLOSE_FLUSH_TIMEOUT = 2.0  # seconds a closing connection may take to write what it owes
+LINGER_TIMEOUT = 1.0  # seconds, and bytes, a connection closed for an error reads on after FIN
+LINGER_MAX_BYTES = 1 << 20
 TEXT_LOBBY = "lobby"
 RATE_EXEMPT = ("pong", "bye")  # section 6: every request but these takes a token
 # Tests prove that a failing handler closes only its own connection: with this set in the
@@ -156,6 +159,12 @@ class Flusher:
 
 
 class Connection:
+    # Slots: an idle connection's own state is a few hundred bytes (the performance issue
+    # measures memory per connection).
+    __slots__ = ("config", "hub", "flusher", "sock", "address", "opened", "state", "codec", "session",
+                 "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "last_ping_ts",
+                 "outbox", "_flush_scheduled", "_writer", "_greenlet", "_send_nowait")
+
     def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub,
                  flusher: Flusher, tls: bool = False) -> None:
         # shared server state
@@ -179,6 +188,7 @@ class Connection:
         self.outbox = Outbox(None)
         self._flush_scheduled = False
         self._writer: Greenlet | None = None
+        self._greenlet: Greenlet | None = None  # the reader: the handler StreamServer spawned
         # A plain TCP socket can be written without blocking from the flusher; TLS cannot
         # (a record may need a read), so TLS output always goes through the writer greenlet.
         self._send_nowait: Callable[[bytes], int] | None = None if tls else sock._sock.send
@@ -204,6 +214,7 @@ class Connection:
         An unexpected exception closes this connection only and is logged with its
         traceback: Go's ``defer recover()`` in ``handleConn``.
         """
+        self._greenlet = gevent.getcurrent()
         try:
             self._read_loop()
         except Exception:
@@ -214,20 +225,15 @@ class Connection:
             self._finish()
 
     def _read_loop(self) -> None:
+        # No timeout on the wait: the server's ticker (check_deadlines) pings and closes, so
+        # a blocked read costs no timer and an idle connection only its greenlet.
+        recv = self.sock.recv
         while self.close_reason is None:
-            timeout = self._next_deadline() - time.monotonic()
-            if timeout <= 0:
-                if self._on_deadline():
-                    continue
-                return
-            self.sock.settimeout(timeout)
             try:
                 # recv sizes its result to what arrived, so an idle connection holds no
                 # read buffer at all (a pooled 64 KiB buffer held across the wait would
                 # cost more than the whole connection should).
-                data = self.sock.recv(RECV_BYTES)
-            except socket.timeout:
-                continue
+                data = recv(RECV_BYTES)
             except OSError:
                 self.close_reason = self.close_reason or CloseReason.IO_ERROR
                 return
@@ -243,32 +249,32 @@ class Connection:
     def _next_deadline(self) -> float:
         cfg = self.config
         if self.state in (State.HANDSHAKE, State.GREETING):
-            return self.opened + cfg.handshake_timeout if cfg.handshake_timeout > 0 else float("inf")
+            return self.opened + cfg.handshake_timeout if cfg.handshake_timeout > 0 else INFINITY
         if self.codec is Codec.TEXT or self.state is State.DRAINING:
-            return float("inf")  # section 4: text users get no pings and no idle timeout
-        deadline = float("inf")
+            return INFINITY  # section 4: text users get no pings and no idle timeout
+        deadline = INFINITY
         if cfg.heartbeat > 0:
             deadline = self.last_recv + cfg.heartbeat * (self.pings_unanswered + 1)
         if cfg.idle_timeout > 0:
             deadline = min(deadline, self.last_recv + cfg.idle_timeout)
         return deadline
 
-    def _on_deadline(self) -> bool:
-        """A timer fired: ping and go on (True), or close for a timeout (False)."""
-        cfg, now = self.config, time.monotonic()
-        if self.state in (State.HANDSHAKE, State.GREETING):
-            if self.state is State.HANDSHAKE:  # no codec yet: closed silently (section 1)
-                self.close_reason = CloseReason.HANDSHAKE_TIMEOUT
-            else:
-                self.fail(ProtocolError("handshake_timeout"))
-            return False
-        if cfg.idle_timeout > 0 and now >= self.last_recv + cfg.idle_timeout:
+    def check_deadlines(self, now: float) -> None:
+        """The server's ticker calls this (Go: a time.Ticker plus SetReadDeadline): ping or time out."""
+        if self.close_reason is not None or now < self._next_deadline():
+            return
+        cfg = self.config
+        if self.state is State.HANDSHAKE:  # no codec yet: closed silently (section 1)
+            self.close_reason = CloseReason.HANDSHAKE_TIMEOUT
+            self._abort_socket()
+        elif self.state is State.GREETING:
+            self.fail(ProtocolError("handshake_timeout"))
+        elif cfg.idle_timeout > 0 and now >= self.last_recv + cfg.idle_timeout:
             self.fail(ProtocolError("idle_timeout", f"nothing received for {cfg.idle_timeout:g} s"))
-            return False
-        self.pings_unanswered += 1
-        self.last_ping_ts = now_ms()
-        self.send({"type": "ping", "ts": self.last_ping_ts})
-        return True
+        else:
+            self.pings_unanswered += 1
+            self.last_ping_ts = now_ms()
+            self.send({"type": "ping", "ts": self.last_ping_ts})
 
     def _process_input(self) -> None:
         decoder = self.decoder
@@ -333,7 +339,7 @@ class Connection:
         if FAULT_INJECTION and obj.get("type") == "test_fault":
             raise RuntimeError("fault injected by test_fault")
         request = parse_request(obj, self.config.max_text_chars)
-        metrics.messages_in.labels(obj["type"]).inc()
+        metrics.messages_in.inc(obj["type"])
         if self.state is State.DRAINING:
             if isinstance(request, Bye):
                 self.close_reason = CloseReason.BYE
@@ -448,11 +454,13 @@ class Connection:
 
     def fail(self, error: ProtocolError, reason: CloseReason | None = None) -> None:
         """Send an error; for closing codes, end the connection once it is written."""
-        metrics.errors_sent.labels(error.code).inc()
+        metrics.errors_sent.inc(error.code)
         if self.codec is not None:
             self.send(error.to_message())
         if error.closes or reason is not None:
             self.close_reason = self.close_reason or reason or ERROR_CLOSE_REASONS[error.code]
+            if gevent.getcurrent() is not self._greenlet:
+                self._wake_reader()  # the ticker or another connection's greenlet noticed
 
     def _enqueue(self, data: bytes) -> None:
         if data and self.state is not State.CLOSED:
@@ -474,7 +482,7 @@ class Connection:
         and logged as the close reason instead.
         """
         self.close_reason = CloseReason.SLOW_CONSUMER
-        metrics.errors_sent.labels("slow_consumer").inc()
+        metrics.errors_sent.inc("slow_consumer")
         self.outbox.clear()
         self._abort_socket()
 
@@ -577,11 +585,32 @@ class Connection:
             self._writer.kill(block=True)
         self.outbox.clear()
         self.state = State.CLOSED
-        self._abort_socket()
+        if reason in ERROR_CLOSE_REASONS.values():
+            self._linger()
+        elif reason is CloseReason.SHUTDOWN:
+            self._abort_socket()  # section 6: SHUT_RDWR, then close
         self.sock.close()
-        metrics.connections_closed.labels(reason.value).inc()
+        metrics.connections_closed.inc(reason.value)
         log.info("close %s:%s nick=%s reason=%s duration=%.1fs", self.address[0], self.address[1],
                  session.nick if session else "-", reason.value, time.monotonic() - self.opened)
+
+    def _linger(self) -> None:
+        """Send FIN, then read and drop what the client is still sending, briefly.
+
+        Closing a socket with unread input makes the kernel answer with RST, and an RST can
+        destroy the error message the client has not read yet (too_large, auth_failed...).
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            with gevent.Timeout(LINGER_TIMEOUT, False):
+                drained = 0
+                while drained < LINGER_MAX_BYTES:
+                    chunk = self.sock.recv(RECV_BYTES)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+        except OSError:
+            pass
 
     def _flush_before_close(self) -> None:
         with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):

@@ -141,6 +141,8 @@ class Decoder:
     :func:`parse_text_line`), or ``NEED_DATA``. ``codec`` is None until rule 1 decides it.
     """
 
+    __slots__ = ("max_frame_bytes", "codec", "_buf", "_pos", "_scan", "_blanks_seen")
+
     def __init__(self, max_frame_bytes: int, codec: Codec | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.codec = codec

@@ -42,7 +42,8 @@ REJECT_HEADROOM = 256  # greenlets beyond max_connections for answering too_many
 REJECT_READ_TIMEOUT = 2.0  # seconds a rejected client gets to show its codec
 FD_RESERVE = 100  # descriptors kept for the listener, the admin port, logs and the broker
 DRAIN_POLL = 0.05  # seconds between checks that every client's output is written
-RECONNECT_AFTER_MS = (1000, 5000)  # jittered so that clients do not come back as one storm
+RECONNECT_AFTER_MS = (1000, 5000)
+TICK_MIN, TICK_MAX = 0.02, 1.0  # seconds between deadline sweeps  # jittered so that clients do not come back as one storm
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -95,6 +96,7 @@ class Server:
         self.stream_server = StreamServer(listener or (config.host, config.port), self._handle,
                                           spawn=self.pool, **ssl_args)
         self.admin = None
+        self.ticker: gevent.Greenlet | None = None
         self._register_gauges()
 
     def _connection_cap(self) -> int:
@@ -126,7 +128,26 @@ class Server:
     def address(self) -> tuple[str, int]:
         return self.stream_server.address[:2]
 
+    def tick_interval(self) -> float:
+        """How often deadlines are checked: a tenth of the shortest timer, within bounds."""
+        timers = [t for t in (self.config.handshake_timeout, self.config.heartbeat, self.config.idle_timeout) if t > 0]
+        return min(TICK_MAX, max(TICK_MIN, min(timers, default=TICK_MAX) / 10))
+
+    def _tick(self) -> None:
+        """One ticker for every connection's heartbeat and timeouts (Go: a time.Ticker).
+
+        A timeout per blocked read would cost a timer object per connection and a timer
+        start and stop per message; sweeping all connections once per tick costs far less.
+        """
+        interval = self.tick_interval()
+        while True:
+            gevent.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_deadlines(now)
+
     def start(self) -> None:
+        self.ticker = gevent.spawn(self._tick)
         self.stream_server.start()
         if self.config.admin_port:
             from gochat.admin import AdminServer
@@ -166,6 +187,7 @@ class Server:
             conn.end_drain()
         if not self.pool.join(timeout=2.0):
             self.pool.kill(block=True, timeout=1.0)
+        self.ticker.kill()
         self.hub.stop()
         self.broker.stop()
         if self.admin:
@@ -211,7 +233,7 @@ class Server:
 
     def _reject(self, sock: socket.socket, reason: str) -> None:
         """Answer too_many_connections in the client's own codec, once its first bytes show it."""
-        metrics.connections_rejected.labels(reason).inc()
+        metrics.connections_rejected.inc(reason)
         decoder = Decoder(self.config.max_frame_bytes)
         sock.settimeout(REJECT_READ_TIMEOUT)
         try:
@@ -225,7 +247,7 @@ class Server:
                 except ProtocolError:
                     pass
             error = ProtocolError("too_many_connections", f"server connection limit reached ({reason})")
-            metrics.errors_sent.labels(error.code).inc()
+            metrics.errors_sent.inc(error.code)
             sock.sendall(encode(error.to_message(), decoder.codec))
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
