@@ -71,8 +71,25 @@ def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.s
 
 
 def count_greenlets() -> int:
-    """Every live greenlet in the process (a full GC walk: for /stats, not for hot paths)."""
+    """Every live greenlet in the process (a full GC walk: for /stats and scrapes, not hot paths)."""
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet) and not obj.dead)
+
+
+def count_open_files() -> int:
+    """File descriptors this process holds, sockets included (Linux /proc)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc), for /stats."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return -1
 
 
 class Server:
@@ -119,6 +136,8 @@ class Server:
                       lambda: self.hub.awaiting_resume)
         metrics.gauge("gochat_rooms", "Rooms with members on this node", lambda: len(self.hub.local_members))
         metrics.gauge("gochat_handler_greenlets", "Connection handler greenlets", lambda: len(self.pool))
+        metrics.gauge("gochat_greenlets", "Live greenlets in the process", count_greenlets)
+        metrics.gauge("gochat_open_files", "File descriptors held by the process", count_open_files)
         metrics.gauge("gochat_broker_up", "1 while the broker is reachable", lambda: float(self.broker.available))
         metrics.gauge("gochat_draining", "1 while the server drains", lambda: float(self.draining))
 
@@ -272,6 +291,8 @@ class Server:
             "rooms": len(self.broker.rooms()),
             "greenlets": count_greenlets(),
             "handler_greenlets": len(self.pool),
+            "open_files": count_open_files(),
+            "rss_bytes": rss_bytes(),
             "messages_in": self.hub.messages_posted,
             "deliveries": self.hub.deliveries,
             "uptime_s": round(time.time() - self.started, 3),
