@@ -29,6 +29,7 @@ import gevent
 from gevent import Greenlet
 
 from gochat import metrics
+from gochat.broker import BrokerUnavailable
 from gochat.config import Config
 from gochat.hub import Hub, Session, now_ms
 from gochat.protocol import (
@@ -357,6 +358,8 @@ class Connection:
             if exc.request_id is None:
                 exc.request_id = request.id
             raise
+        except BrokerUnavailable:
+            raise ProtocolError("unavailable", None, request.id) from None
 
     def _hello(self, request: Hello) -> None:
         try:
@@ -365,6 +368,8 @@ class Connection:
         except ProtocolError as exc:
             exc.request_id = request.id
             raise
+        except BrokerUnavailable:
+            raise ProtocolError("unavailable", None, request.id) from None
         self.session = session
         self._move(State.SESSION)
         heartbeat = self.config.heartbeat
@@ -575,10 +580,14 @@ class Connection:
         reason = self.close_reason or CloseReason.PEER_CLOSED
         session, self.session = self.session, None
         if session is not None:
-            if reason is CloseReason.BYE:
-                self.hub.end(session)
-            else:
-                self.hub.detach(session, self)
+            try:
+                if reason is CloseReason.BYE:
+                    self.hub.end(session)
+                else:
+                    self.hub.detach(session, self)
+            except BrokerUnavailable:
+                log.warning("broker unavailable while closing %s's connection; its claims expire on their own",
+                            session.nick)
         if reason not in NO_FLUSH_REASONS:
             self._flush_before_close()
         if self._writer is not None:

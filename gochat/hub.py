@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import gevent
 
 from gochat import metrics
-from gochat.broker import Broker
+from gochat.broker import Broker, BrokerUnavailable
 from gochat.outbox import RoomFeed
 from gochat.protocol import DEFAULT_HISTORY_LIMIT, NICK_RE, Outgoing, ProtocolError
 
@@ -65,8 +65,8 @@ class Session:
 
     __slots__ = ("id", "nick", "key", "resumable", "rooms", "acks", "peer", "resume_marks", "expiry")
 
-    def __init__(self, nick: str, resumable: bool) -> None:
-        self.id = secrets.token_urlsafe(24)  # 192 random bits: a bearer credential
+    def __init__(self, nick: str, resumable: bool, session_id: str | None = None) -> None:
+        self.id = session_id or secrets.token_urlsafe(24)  # 192 random bits: a bearer credential
         self.nick = nick
         self.key = nick.lower()
         self.resumable = resumable
@@ -126,11 +126,14 @@ class Hub:
         session.peer = peer
         self.sessions[session.id] = session
         self.by_nick[session.key] = session
+        self._save(session)
         return session
 
     def _resume(self, session_id: str, peer: Peer) -> Session:
         session = self.sessions.get(session_id)
-        if session is None or not session.resumable:
+        if session is None:
+            session = self._adopt(session_id)
+        if not session.resumable:
             raise ProtocolError("bad_session")
         if session.expiry is not None:
             session.expiry.kill(block=False)
@@ -138,10 +141,55 @@ class Hub:
         if session.peer is not None:
             session.peer.takeover()
         session.peer = peer
-        session.resume_marks = {room: self.broker.room_seq(room)[0] for room in session.rooms}
+        session.resume_marks = {room: self.broker.live_seq(room) for room in session.rooms}
         for room in session.rooms:
             self._follow(peer, room)
+        self._save(session)
         return session
+
+    def _adopt(self, session_id: str) -> Session:
+        """Take over a session another node held (a shared broker): nick, rooms and acks."""
+        record = self.broker.load_session(session_id)
+        if record is None:
+            raise ProtocolError("bad_session")
+        session = Session(record.nick, True, session_id)
+        if not self.broker.claim_nick(session.key, session.id):
+            raise ProtocolError("bad_session", "the session expired and its nick was taken")
+        self.broker.session_taken(record.node, session_id)
+        session.acks.update(record.acks)
+        self.sessions[session.id] = session
+        self.by_nick[session.key] = session
+        for room in record.rooms:
+            session.rooms[room] = None
+            self.local_members.setdefault(room, {})[session.key] = session
+            self.broker.add_member(room, session.nick)
+        return session
+
+    def session_moved(self, session_id: str) -> None:
+        """Another node resumed a session held here: let go of it without a word to its rooms."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        if session.expiry is not None:
+            session.expiry.kill(block=False)
+            session.expiry = None
+        if session.peer is not None:
+            session.peer.takeover()
+            session.peer = None
+        if self.by_nick.get(session.key) is session:
+            del self.by_nick[session.key]
+        for room in session.rooms:
+            members = self.local_members.get(room)
+            if members is not None and members.get(session.key) is session:
+                del members[session.key]
+                if not members:
+                    del self.local_members[room]
+        self.broker.forget_session(session.id, session.key, session.nick, list(session.rooms))
+
+    def _save(self, session: Session) -> None:
+        """Record the session with the broker: DMs find it there, and any node can resume it."""
+        self.broker.save_session(session.id, session.nick, list(session.rooms), session.peer is not None,
+                                 self.resume_window, session.resumable)
 
     def detach(self, session: Session, peer: Peer) -> None:
         """The connection of ``session`` ended without ``bye``: keep it for resume (rule 1)."""
@@ -154,10 +202,15 @@ class Hub:
             self.end(session)
         else:
             session.expiry = gevent.spawn_later(self.resume_window, self._expire, session)
+            self._save(session)
 
     def _expire(self, session: Session) -> None:
         session.expiry = None
-        self.end(session)
+        try:
+            self.end(session)
+        except BrokerUnavailable:
+            log.warning("could not end session of %s: broker unavailable; its claims expire on their own",
+                        session.nick)
 
     def end(self, session: Session) -> None:
         """``bye`` or an expired resume window: the nick goes offline in every room."""
@@ -173,6 +226,7 @@ class Hub:
             self._remove_member(session, room)
             self.broker.publish(room, Outgoing({**offline.message, "room": room}), session.key)
         self.broker.release_nick(session.key, session.id)
+        self.broker.drop_session(session.id)
 
     def stop(self) -> None:
         """Cancel the resume timers this hub owns (server shutdown)."""
@@ -190,28 +244,39 @@ class Hub:
             session.rooms[room] = None
             upto = session.resume_marks.pop(room, None)
         else:
+            self.broker.add_member(room, session.nick)
             session.rooms[room] = None
             self.local_members.setdefault(room, {})[session.key] = session
             if session.peer is not None:
                 self._follow(session.peer, room)
-            self.broker.add_member(room, session.nick)
-            self.broker.publish(room, Outgoing({"type": "presence", "room": room, "nick": session.nick,
-                                                "status": "join"}), session.key)
             upto = None
+            try:
+                self.broker.publish(room, Outgoing({"type": "presence", "room": room, "nick": session.nick,
+                                                    "status": "join"}), session.key)
+                self._save(session)
+            except BrokerUnavailable:
+                self._remove_member(session, room, shared=False)  # as if the join never happened
+                raise
         seq, first_seq = self.broker.room_seq(room)
         joined = {"type": "joined", "room": room, "seq": seq, "first_seq": first_seq,
                   "members": self.broker.members(room)}
-        replay = [] if since is None else self.broker.history(room, since, None, upto)
+        # Replay stops where live delivery to this member starts: nothing arrives twice.
+        if since is None:
+            replay = []
+        else:
+            replay = self.broker.history(room, since, None, self.broker.live_seq(room) if upto is None else upto)
         return joined, replay
 
     def leave(self, session: Session, room: str) -> None:
         if room not in session.rooms:
             raise ProtocolError("not_in_room", f"not in room {room}")
         self._remove_member(session, room)
+        self._save(session)
         self.broker.publish(room, Outgoing({"type": "presence", "room": room, "nick": session.nick,
                                             "status": "leave"}), session.key)
 
-    def _remove_member(self, session: Session, room: str) -> None:
+    def _remove_member(self, session: Session, room: str, shared: bool = True) -> None:
+        """Take a session out of a room here and, if ``shared``, in the broker too."""
         session.rooms.pop(room, None)
         session.resume_marks.pop(room, None)
         if session.peer is not None:
@@ -221,7 +286,10 @@ class Hub:
             members.pop(session.key, None)
             if not members:
                 del self.local_members[room]
-        self.broker.remove_member(room, session.nick)
+        if shared:
+            self.broker.remove_member(room, session.nick)
+        else:
+            self.broker.forget_member(room, session.nick)
 
     def post(self, session: Session, room: str, text: str, rid: Any) -> dict:
         """Sequence, retain and fan out a msg; the returned ack is the promise of section 3."""
@@ -234,7 +302,7 @@ class Hub:
         message = {"type": "msg", "room": room, "from": session.nick, "text": text, "seq": 0, "ts": ts}
         if rid is not None:
             message["id"] = rid
-        out = self.broker.append(room, message)
+        out = self.broker.append(room, message, session.id if session.resumable else None)
         ack = {"type": "ack", "room": room, "seq": out.message["seq"], "ts": ts}
         if rid is not None:
             ack["id"] = rid
@@ -254,6 +322,8 @@ class Hub:
         if rid is not None:
             ack["id"] = rid
             session.remember_ack(rid, ack)
+            if session.resumable:
+                self.broker.remember_dm_ack(session.id, rid, ack)
         return ack
 
     def who(self, room: str) -> list[str]:

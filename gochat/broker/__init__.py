@@ -9,7 +9,7 @@ callers nor conn.py change with it.
 from __future__ import annotations
 
 import abc
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gochat.protocol import Outgoing
 
@@ -24,6 +24,18 @@ class Listener(Protocol):
     def deliver_room(self, room: str, out: Outgoing, exclude: str | None) -> None: ...
 
     def deliver_dm(self, nick_key: str, out: Outgoing) -> bool: ...
+
+    def session_moved(self, session_id: str) -> None:
+        """Another node resumed this session: close its connection here, keep it everywhere else."""
+
+
+class SessionRecord(NamedTuple):
+    """A session as another node needs it to resume it."""
+
+    nick: str
+    rooms: list[str]
+    acks: dict[Any, dict]
+    node: str | None  # the node holding its live connection, if any
 
 
 class Broker(abc.ABC):
@@ -49,10 +61,12 @@ class Broker(abc.ABC):
         """Free a nick, only if ``owner`` still holds it."""
 
     @abc.abstractmethod
-    def append(self, room: str, message: dict) -> Outgoing:
+    def append(self, room: str, message: dict, session_id: str | None = None) -> Outgoing:
         """Give a msg the room's next seq, retain it, and fan it out to every node.
 
-        Returns only once the message holds its seq in history: the ack promise.
+        Returns only once the message holds its seq in history: the ack promise. With a
+        ``session_id`` and an ``id`` in the message, the ack is remembered for that session
+        in the same step (a resume on another node must still see it).
         """
 
     @abc.abstractmethod
@@ -66,6 +80,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def room_seq(self, room: str) -> tuple[int, int]:
         """(latest seq, first retained seq); a new room is (0, 1)."""
+
+    def live_seq(self, room: str) -> int:
+        """The last seq this node has fanned out to its members (a shared broker may lag behind)."""
+        return self.room_seq(room)[0]
 
     @abc.abstractmethod
     def history(self, room: str, since: int, limit: int | None, until: int | None = None) -> list[Outgoing]:
@@ -85,11 +103,39 @@ class Broker(abc.ABC):
     def rooms(self) -> list[dict]:
         """``{"room", "members", "seq"}`` for every room with at least one member."""
 
+    # Sessions: a single node keeps them in its hub; a shared broker also stores them, so
+    # that a client can resume on any node. The defaults are the single-node ones.
 
-def create(url: str, history_size: int) -> Broker:
+    def save_session(self, session_id: str, nick: str, rooms: list[str], live: bool, ttl: float,
+                     resumable: bool = True) -> None:
+        """Record where a session stands (live here, or awaiting resume for ``ttl`` seconds)."""
+
+    def load_session(self, session_id: str) -> SessionRecord | None:
+        """A resumable session held by another node, or None."""
+        return None
+
+    def drop_session(self, session_id: str) -> None:
+        """The session ended (bye or expiry)."""
+
+    def remember_dm_ack(self, session_id: str, rid: Any, ack: dict) -> None:
+        """Keep a DM's ack for a resume elsewhere (msg acks are kept by ``append``)."""
+
+    def session_taken(self, holder: str | None, session_id: str) -> None:
+        """Tell the node that held a session (``holder``) that this node resumed it."""
+
+    def forget_member(self, room: str, nick: str) -> None:
+        """Stop keeping a membership alive here without changing shared state (the default keeps none)."""
+
+    def forget_session(self, session_id: str, nick_key: str, nick: str, rooms: list[str]) -> None:
+        """Another node took the session: stop keeping its claims alive here, change nothing shared."""
+
+
+def create(url: str, history_size: int, resume_window: float) -> Broker:
     """The broker a ``broker`` setting names."""
     if url == "memory":
         from gochat.broker.memory import MemoryBroker
 
         return MemoryBroker(history_size)
-    raise ValueError(f"no broker for {url!r} yet")
+    from gochat.broker.redis import RedisBroker
+
+    return RedisBroker(url, history_size, resume_window)

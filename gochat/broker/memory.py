@@ -56,7 +56,7 @@ class MemoryBroker(Broker):
         if self._nicks.get(nick_key) == owner:
             del self._nicks[nick_key]
 
-    def append(self, room: str, message: dict) -> Outgoing:
+    def append(self, room: str, message: dict, session_id: str | None = None) -> Outgoing:
         log = self._log(room)
         log.seq += 1
         message["seq"] = log.seq

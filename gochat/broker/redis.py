@@ -1,0 +1,465 @@
+"""The shared broker: Redis is the engine that makes several gochat nodes one chat service.
+
+Data model (every key starts with ``gochat:``; docs/scaling.md has the full table):
+
+- ``room:{room}:seq`` INCR counter, ``room:{room}:log`` a Stream capped at ``history_size``
+  whose entry ids are ``0-{seq}``; one Lua script takes the seq, appends and PUBLISHes, so
+  the order of seqs is the order every node receives them in (Redis runs scripts
+  atomically and delivers one connection's pub/sub messages in order).
+- ``room:{room}:members`` a sorted set of nicks scored by expiry (ms); the node holding a
+  member refreshes it, so a node that dies leaves no ghosts after ``PRESENCE_TTL``.
+- ``nick:{key}`` the session id owning a nick: SET NX, TTL refreshed by its node.
+- ``session:{id}`` hash (nick, rooms, holder node, live) and ``session:{id}:acks`` +
+  ``:ackids`` (the last 1024 acked ids), all with ``resume_window`` TTL: any node can resume.
+- channels ``room:{room}`` (msgs ``m {seq} {json}``, presence ``p {exclude} {json}``) and
+  ``node:{id}`` (``dm {nick} {json}``, ``moved {session}``).
+
+Pub/sub is at-most-once, so it is only the fast path: each node remembers the last seq it
+delivered per room, and fills any gap (a late subscription, a reconnect after an outage)
+from the Stream before delivering further. One listener greenlet per node reads pub/sub,
+reconnects with jittered backoff and resubscribes.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import gevent
+from gevent.event import Event
+import redis
+import ujson
+from redis.backoff import ExponentialWithJitterBackoff
+
+from gochat.broker import Broker, BrokerUnavailable, Listener, SessionRecord
+from gochat.protocol import Outgoing
+
+log = logging.getLogger("gochat.broker.redis")
+
+PREFIX = "gochat:"
+PRESENCE_TTL = 15.0  # seconds a node's claims live without its refresh
+REFRESH_INTERVAL = PRESENCE_TTL / 3  # must be well below PRESENCE_TTL
+LISTEN_POLL = 1.0  # seconds the listener waits for pub/sub before checking it should stop
+SUBSCRIBE_TIMEOUT = 5.0  # seconds a join waits for Redis to confirm the room's subscription
+ACKS_KEPT = 1024
+POOL_SIZE = 64  # Redis connections per node; greenlets beyond wait for one
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# KEYS: seq, log, channel, acks, ackids
+# ARGV: message json (no seq), history_size, ack field ("" for none), "ts room", acks ttl (s), acks kept
+APPEND = """
+local seq = redis.call('INCR', KEYS[1])
+local entry = seq .. ' ' .. ARGV[1]
+local keep = tonumber(ARGV[2])
+if keep > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', keep, '0-' .. seq, 'm', entry)
+end
+redis.call('PUBLISH', KEYS[3], 'm ' .. entry)
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[3], 'm ' .. seq .. ' ' .. ARGV[4])
+  redis.call('LPUSH', KEYS[5], ARGV[3])
+  if redis.call('LLEN', KEYS[5]) > tonumber(ARGV[6]) then
+    redis.call('HDEL', KEYS[4], redis.call('RPOP', KEYS[5]))
+  end
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[5], ARGV[5])
+end
+return seq
+"""
+
+# KEYS: nick ; ARGV: owner, ttl (ms). Claim a free nick, or keep one this owner holds.
+CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: nick ; ARGV: owner. Free a nick only if this owner still holds it.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _k(*parts: str) -> str:
+    return PREFIX + ":".join(parts)
+
+
+def _parse_entry(room: str, entry: str) -> tuple[int, Outgoing]:
+    seq_text, _, body = entry.partition(" ")
+    message = ujson.loads(body)
+    message["seq"] = int(seq_text)
+    return message["seq"], Outgoing(message)
+
+
+class RedisBroker(Broker):
+    def __init__(self, url: str, history_size: int, resume_window: float = 120.0) -> None:
+        self.url = url
+        self.history_size = history_size
+        self.resume_window = resume_window
+        self.node = secrets.token_hex(8)
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=5, decode_responses=True, socket_timeout=5,
+            socket_connect_timeout=2, health_check_interval=10)
+        self.redis = redis.Redis(connection_pool=pool)
+        self._append = self.redis.register_script(APPEND)
+        self._claim = self.redis.register_script(CLAIM)
+        self._release = self.redis.register_script(RELEASE)
+        self._listener: Listener | None = None
+        self._up = False
+        self._running = False
+        self._greenlets: list[gevent.Greenlet] = []
+        # this node's claims, refreshed every REFRESH_INTERVAL
+        self._nicks: dict[str, str] = {}  # nick key -> owner session
+        self._members: dict[str, dict[str, int]] = {}  # room -> nick -> local references
+        self._live_sessions: set[str] = set()
+        # pub/sub state: the listener greenlet reads, joins and leaves (un)subscribe
+        self._pubsub: Any = None
+        self._delivered: dict[str, int] = {}  # room -> last seq delivered on this node
+        self._subscribed: dict[str, Event] = {}  # room -> set once Redis confirmed the subscription
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self, listener: Listener) -> None:
+        self._listener = listener
+        self._running = True
+        try:
+            self.redis.ping()
+            self._up = True
+        except REDIS_ERRORS as exc:
+            log.warning("redis at %s unreachable at start (%s); retrying in the background", self.url, exc)
+        self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._refresh_loop)]
+
+    def stop(self) -> None:
+        self._running = False
+        gevent.killall(self._greenlets, block=True, timeout=2)
+        self.redis.connection_pool.disconnect()
+
+    @property
+    def available(self) -> bool:
+        return self._up
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one Redis operation; an unreachable Redis becomes BrokerUnavailable."""
+        try:
+            result = fn(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            if self._up:
+                log.warning("redis unreachable: %s", exc)
+            self._up = False
+            raise BrokerUnavailable(str(exc)) from None
+        return result
+
+    # ------------------------------------------------------------ nicks
+
+    def claim_nick(self, nick_key: str, owner: str) -> bool:
+        if not self._call(self._claim, keys=[_k("nick", nick_key)], args=[owner, int(PRESENCE_TTL * 1000)]):
+            return False
+        self._nicks[nick_key] = owner
+        return True
+
+    def release_nick(self, nick_key: str, owner: str) -> None:
+        self._nicks.pop(nick_key, None)
+        self._call(self._release, keys=[_k("nick", nick_key)], args=[owner])
+
+    # ------------------------------------------------------------ rooms
+
+    def append(self, room: str, message: dict, session_id: str | None = None) -> Outgoing:
+        message.pop("seq", None)
+        rid = message.get("id")
+        ack_field = ujson.dumps(rid) if (session_id and rid is not None) else ""
+        keys = [_k("room", room, "seq"), _k("room", room, "log"), _k("room", room),
+                _k("session", session_id or "-", "acks"), _k("session", session_id or "-", "ackids")]
+        args = [ujson.dumps(message, ensure_ascii=False), self.history_size, ack_field,
+                f"{message['ts']} {room}", max(1, int(self.resume_window) + 60), ACKS_KEPT]
+        message["seq"] = int(self._call(self._append, keys=keys, args=args))
+        return Outgoing(message)
+
+    def publish(self, room: str, out: Outgoing, exclude: str | None = None) -> None:
+        payload = f"p {exclude or '-'} {ujson.dumps(out.message, ensure_ascii=False)}"
+        self._call(self.redis.publish, _k("room", room), payload)
+
+    def room_seq(self, room: str) -> tuple[int, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(_k("room", room, "seq"))
+        pipe.xrange(_k("room", room, "log"), count=1)
+        latest, first = self._call(pipe.execute)
+        seq = int(latest or 0)
+        first_seq = int(first[0][0].split("-")[1]) if first else seq + 1
+        return seq, min(first_seq, seq + 1)
+
+    def live_seq(self, room: str) -> int:
+        delivered = self._delivered.get(room)
+        return self.room_seq(room)[0] if delivered is None else delivered
+
+    def history(self, room: str, since: int, limit: int | None, until: int | None = None) -> list[Outgoing]:
+        if until is not None and until <= since:
+            return []
+        entries = self._call(self.redis.xrange, _k("room", room, "log"), min=f"0-{since + 1}",
+                             max="+" if until is None else f"0-{until}", count=limit)
+        return [_parse_entry(room, fields["m"])[1] for _, fields in entries]
+
+    def add_member(self, room: str, nick: str) -> None:
+        local = self._members.setdefault(room, {})
+        first_here = not local
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(_k("room", room, "members"), {nick: self._expiry_ms()})
+        pipe.sadd(_k("rooms"), room)
+        if first_here:
+            pipe.get(_k("room", room, "seq"))
+        results = self._call(pipe.execute)
+        local[nick] = local.get(nick, 0) + 1
+        if first_here:
+            self._delivered[room] = int(results[2] or 0)
+            self._subscribe(room)
+
+    def _subscribe(self, room: str) -> None:
+        """Subscribe to a room's channel and wait until Redis confirms it.
+
+        Presence is not retained, so a join must not return before this node hears the
+        room: otherwise the presence of the next member to join could be missed.
+        """
+        confirmed = self._subscribed.setdefault(room, Event())
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise BrokerUnavailable("redis pub/sub is reconnecting")
+        self._call(pubsub.subscribe, _k("room", room))
+        if not confirmed.wait(SUBSCRIBE_TIMEOUT):
+            raise BrokerUnavailable("redis did not confirm a subscription")
+
+    def remove_member(self, room: str, nick: str) -> None:
+        local = self._members.get(room, {})
+        if nick in local:
+            local[nick] -= 1
+            if local[nick] <= 0:
+                del local[nick]
+        if not local and room in self._members:
+            self._unsubscribe(room)
+        self._call(self.redis.zrem, _k("room", room, "members"), nick)
+
+    def _unsubscribe(self, room: str) -> None:
+        del self._members[room]
+        self._delivered.pop(room, None)
+        self._subscribed.pop(room, None)
+        if self._pubsub is not None:
+            try:
+                self._pubsub.unsubscribe(_k("room", room))
+            except REDIS_ERRORS:
+                pass  # the reconnect subscribes only to rooms with members here
+
+    def forget_member(self, room: str, nick: str) -> None:
+        """Stop refreshing a member another node took over, without touching Redis."""
+        local = self._members.get(room, {})
+        local.pop(nick, None)
+        if not local and room in self._members:
+            self._unsubscribe(room)
+
+    def members(self, room: str) -> list[str]:
+        return self._call(self.redis.zrangebyscore, _k("room", room, "members"), self._now_ms(), "+inf")
+
+    def rooms(self) -> list[dict]:
+        names = sorted(self._call(self.redis.smembers, _k("rooms")))
+        pipe = self.redis.pipeline(transaction=False)
+        now = self._now_ms()
+        for name in names:
+            pipe.zcount(_k("room", name, "members"), now, "+inf")
+            pipe.get(_k("room", name, "seq"))
+        counts = self._call(pipe.execute)
+        listing = []
+        for i, name in enumerate(names):
+            members, seq = int(counts[2 * i]), int(counts[2 * i + 1] or 0)
+            if members:
+                listing.append({"room": name, "members": members, "seq": seq})
+        return listing
+
+    # ------------------------------------------------------------ DMs and sessions
+
+    def send_dm(self, nick_key: str, out: Outgoing) -> bool:
+        owner = self._call(self.redis.get, _k("nick", nick_key))
+        if owner is None:
+            return False
+        holder, live = self._call(self.redis.hmget, _k("session", owner), "holder", "live")
+        if live != "1" or not holder:
+            return False
+        if holder == self.node:
+            return self._listener.deliver_dm(nick_key, out)
+        payload = f"dm {nick_key} {ujson.dumps(out.message, ensure_ascii=False)}"
+        return bool(self._call(self.redis.publish, _k("node", holder), payload))
+
+    def save_session(self, session_id: str, nick: str, rooms: list[str], live: bool, ttl: float,
+                     resumable: bool = True) -> None:
+        key = _k("session", session_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping={"nick": nick, "rooms": ujson.dumps(rooms), "holder": self.node,
+                                "live": "1" if live else "0", "resumable": "1" if resumable else "0"})
+        pipe.expire(key, max(1, int(self.resume_window if live else ttl) + 1))
+        self._call(pipe.execute)
+        if live:
+            self._live_sessions.add(session_id)
+        else:
+            self._live_sessions.discard(session_id)
+
+    def load_session(self, session_id: str) -> SessionRecord | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(_k("session", session_id))
+        pipe.hgetall(_k("session", session_id, "acks"))
+        record, acks = self._call(pipe.execute)
+        if not record or record.get("resumable") != "1":
+            return None
+        remembered = {}
+        for field, value in acks.items():
+            rid = ujson.loads(field)
+            kind, _, rest = value.partition(" ")
+            if kind == "m":
+                seq, ts, room = rest.split(" ", 2)
+                remembered[rid] = {"type": "ack", "room": room, "seq": int(seq), "ts": int(ts), "id": rid}
+            else:
+                remembered[rid] = {"type": "ack", "ts": int(rest), "id": rid}
+        holder = record.get("holder") or None
+        return SessionRecord(record["nick"], ujson.loads(record.get("rooms", "[]")), remembered, holder)
+
+    def session_taken(self, holder: str | None, session_id: str) -> None:
+        if holder and holder != self.node:
+            self._call(self.redis.publish, _k("node", holder), f"moved {session_id}")
+
+    def forget_session(self, session_id: str, nick_key: str, nick: str, rooms: list[str]) -> None:
+        self._live_sessions.discard(session_id)
+        self._nicks.pop(nick_key, None)
+        for room in rooms:
+            self.forget_member(room, nick)
+
+    def drop_session(self, session_id: str) -> None:
+        self._live_sessions.discard(session_id)
+        self._call(self.redis.delete, _k("session", session_id), _k("session", session_id, "acks"),
+                   _k("session", session_id, "ackids"))
+
+    def remember_dm_ack(self, session_id: str, rid: Any, ack: dict) -> None:
+        field = ujson.dumps(rid)
+        ttl = max(1, int(self.resume_window) + 60)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(_k("session", session_id, "acks"), field, f"d {ack['ts']}")
+        pipe.lpush(_k("session", session_id, "ackids"), field)
+        pipe.expire(_k("session", session_id, "acks"), ttl)
+        pipe.expire(_k("session", session_id, "ackids"), ttl)
+        self._call(pipe.execute)
+
+    # ------------------------------------------------------------ the listener greenlet
+
+    def _listen(self) -> None:
+        """Read pub/sub for this node's rooms and its own channel; reconnect and catch up on failure."""
+        backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        failures = 0
+        while self._running:
+            pubsub = self.redis.pubsub()
+            try:
+                for event in self._subscribed.values():
+                    event.clear()
+                pubsub.subscribe(_k("node", self.node), *(_k("room", room) for room in self._members))
+                self._pubsub = pubsub
+                self._up = True
+                failures = 0
+                while self._running:
+                    message = pubsub.get_message(timeout=LISTEN_POLL)
+                    if message is not None:
+                        self._on_pubsub(message)
+            except REDIS_ERRORS as exc:
+                if self._up:
+                    log.warning("redis pub/sub lost: %s", exc)
+                self._up = False
+                failures += 1
+                gevent.sleep(backoff.compute(failures))
+            finally:
+                self._pubsub = None
+                try:
+                    pubsub.close()
+                except REDIS_ERRORS:
+                    pass
+
+    def _on_pubsub(self, message: dict) -> None:
+        kind, channel, data = message["type"], message["channel"], message["data"]
+        room_prefix = _k("room", "")
+        if kind == "subscribe" and channel.startswith(room_prefix):
+            room = channel[len(room_prefix):]
+            self._catch_up(room)
+            confirmed = self._subscribed.get(room)
+            if confirmed is not None:
+                confirmed.set()
+        elif kind == "message" and channel.startswith(room_prefix):
+            self._on_room_event(channel[len(room_prefix):], data)
+        elif kind == "message":
+            self._on_node_event(data)
+
+    def _on_room_event(self, room: str, data: str) -> None:
+        if room not in self._delivered:
+            return
+        tag, _, rest = data.partition(" ")
+        if tag == "p":
+            exclude, _, body = rest.partition(" ")
+            self._listener.deliver_room(room, Outgoing(ujson.loads(body)), None if exclude == "-" else exclude)
+            return
+        seq, out = _parse_entry(room, rest)
+        if seq <= self._delivered[room]:
+            return
+        if seq > self._delivered[room] + 1:
+            self._catch_up(room, upto=seq - 1)
+        self._delivered[room] = seq
+        self._listener.deliver_room(room, out, None)
+
+    def _catch_up(self, room: str, upto: int | None = None) -> None:
+        """Deliver retained msgs this node missed (pub/sub dropped them, or came before the subscription)."""
+        last = self._delivered.get(room)
+        if last is None:
+            return
+        for out in self.history(room, last, None, upto):
+            seq = out.message["seq"]
+            if seq > self._delivered.get(room, seq):
+                self._delivered[room] = seq
+                self._listener.deliver_room(room, out, None)
+
+    def _on_node_event(self, data: str) -> None:
+        tag, _, rest = data.partition(" ")
+        if tag == "dm":
+            nick_key, _, body = rest.partition(" ")
+            self._listener.deliver_dm(nick_key, Outgoing(ujson.loads(body)))
+        elif tag == "moved":
+            self._listener.session_moved(rest)
+
+    # ------------------------------------------------------------ refreshing claims
+
+    def _refresh_loop(self) -> None:
+        while self._running:
+            gevent.sleep(REFRESH_INTERVAL)
+            try:
+                self._refresh()
+                if not self._up:
+                    self.redis.ping()
+                    self._up = True
+            except REDIS_ERRORS as exc:
+                self._up = False
+                log.debug("refresh failed: %s", exc)
+
+    def _refresh(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        expiry = self._expiry_ms()
+        for nick_key, owner in self._nicks.items():
+            pipe.pexpire(_k("nick", nick_key), int(PRESENCE_TTL * 1000))
+        for room, nicks in self._members.items():
+            if nicks:
+                pipe.zadd(_k("room", room, "members"), dict.fromkeys(nicks, expiry), xx=True)
+        for session_id in self._live_sessions:
+            pipe.expire(_k("session", session_id), int(self.resume_window) + 1)
+        pipe.execute()
+
+    @staticmethod
+    def _now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def _expiry_ms(self) -> int:
+        return self._now_ms() + int(PRESENCE_TTL * 1000)
+
