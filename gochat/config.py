@@ -112,6 +112,8 @@ class Config:
     jwt_public_key: str | None = _setting(None, "RS256 public key PEM file (auth = jwt)")
     jwt_audience: str | None = _setting(None, "required aud claim (auth = jwt)")
     broker: str = _setting("memory", "memory, or redis://host:port/db for several nodes")
+    presence_ttl: float = _setting(15.0, "seconds a dead node's members, nicks and sessions stay claimed (redis broker)",
+                                   1, 3600)
     tls_cert: str | None = _setting(None, "PEM certificate file for TLS on the chat port")
     tls_key: str | None = _setting(None, "PEM private key file for TLS on the chat port")
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))

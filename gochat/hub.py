@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import gevent
 
 from gochat import metrics
-from gochat.broker import Broker, BrokerUnavailable
+from gochat.broker import AlreadyAcked, Broker, BrokerUnavailable
 from gochat.outbox import RoomFeed
 from gochat.protocol import DEFAULT_HISTORY_LIMIT, NICK_RE, Outgoing, ProtocolError
 
@@ -302,7 +302,11 @@ class Hub:
         message = {"type": "msg", "room": room, "from": session.nick, "text": text, "seq": 0, "ts": ts}
         if rid is not None:
             message["id"] = rid
-        out = self.broker.append(room, message, session.id if session.resumable else None)
+        try:
+            out = self.broker.append(room, message, session.id if session.resumable else None)
+        except AlreadyAcked as dup:
+            session.remember_ack(rid, dup.ack)
+            return {**dup.ack, "dup": True}
         ack = {"type": "ack", "room": room, "seq": out.message["seq"], "ts": ts}
         if rid is not None:
             ack["id"] = rid

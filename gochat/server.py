@@ -98,7 +98,8 @@ class Server:
         self.started = time.time()
         self.nofile = raise_nofile_limit()
         self.max_connections = self._connection_cap()
-        self.broker = brokers.create(config.broker, config.history_size, config.resume_window)
+        self.broker = brokers.create(config.broker, config.history_size, config.resume_window,
+                                     config.presence_ttl)
         self.flusher = Flusher()
         self.hub = Hub(self.broker, self.flusher, config.resume_window, config.history_size,
                        jwt_authenticator(config))

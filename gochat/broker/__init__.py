@@ -18,6 +18,14 @@ class BrokerUnavailable(Exception):
     """The shared engine cannot be reached: the request gets ``error unavailable``, nothing is acked."""
 
 
+class AlreadyAcked(Exception):
+    """The session's msg id was acked before (a retry after ``unavailable``, or on another node)."""
+
+    def __init__(self, ack: dict) -> None:
+        super().__init__(ack)
+        self.ack = ack
+
+
 class Listener(Protocol):
     """What a broker delivers to: the hub of one node."""
 
@@ -130,7 +138,7 @@ class Broker(abc.ABC):
         """Another node took the session: stop keeping its claims alive here, change nothing shared."""
 
 
-def create(url: str, history_size: int, resume_window: float) -> Broker:
+def create(url: str, history_size: int, resume_window: float, presence_ttl: float) -> Broker:
     """The broker a ``broker`` setting names."""
     if url == "memory":
         from gochat.broker.memory import MemoryBroker
@@ -138,4 +146,4 @@ def create(url: str, history_size: int, resume_window: float) -> Broker:
         return MemoryBroker(history_size)
     from gochat.broker.redis import RedisBroker
 
-    return RedisBroker(url, history_size, resume_window)
+    return RedisBroker(url, history_size, resume_window, presence_ttl)

@@ -7,7 +7,7 @@ Data model (every key starts with ``gochat:``; docs/scaling.md has the full tabl
   the order of seqs is the order every node receives them in (Redis runs scripts
   atomically and delivers one connection's pub/sub messages in order).
 - ``room:{room}:members`` a sorted set of nicks scored by expiry (ms); the node holding a
-  member refreshes it, so a node that dies leaves no ghosts after ``PRESENCE_TTL``.
+  member refreshes it, so a node that dies leaves no ghosts after ``presence_ttl``.
 - ``nick:{key}`` the session id owning a nick: SET NX, TTL refreshed by its node.
 - ``session:{id}`` hash (nick, rooms, holder node, live) and ``session:{id}:acks`` +
   ``:ackids`` (the last 1024 acked ids), all with ``resume_window`` TTL: any node can resume.
@@ -32,14 +32,13 @@ import redis
 import ujson
 from redis.backoff import ExponentialWithJitterBackoff
 
-from gochat.broker import Broker, BrokerUnavailable, Listener, SessionRecord
+from gochat.broker import AlreadyAcked, Broker, BrokerUnavailable, Listener, SessionRecord
 from gochat.protocol import Outgoing
 
 log = logging.getLogger("gochat.broker.redis")
 
 PREFIX = "gochat:"
-PRESENCE_TTL = 15.0  # seconds a node's claims live without its refresh
-REFRESH_INTERVAL = PRESENCE_TTL / 3  # must be well below PRESENCE_TTL
+REFRESHES_PER_TTL = 3  # a claim is refreshed this often within its TTL: one lost refresh is harmless
 LISTEN_POLL = 1.0  # seconds the listener waits for pub/sub before checking it should stop
 SUBSCRIBE_TIMEOUT = 5.0  # seconds a join waits for Redis to confirm the room's subscription
 ACKS_KEPT = 1024
@@ -48,7 +47,14 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # KEYS: seq, log, channel, acks, ackids
 # ARGV: message json (no seq), history_size, ack field ("" for none), "ts room", acks ttl (s), acks kept
+# Returns "new {seq}", or the remembered "m {seq} {ts} {room}" of an id acked before.
 APPEND = """
+if ARGV[3] ~= '' then
+  local before = redis.call('HGET', KEYS[4], ARGV[3])
+  if before then
+    return before
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 local entry = seq .. ' ' .. ARGV[1]
 local keep = tonumber(ARGV[2])
@@ -65,7 +71,7 @@ if ARGV[3] ~= '' then
   redis.call('EXPIRE', KEYS[4], ARGV[5])
   redis.call('EXPIRE', KEYS[5], ARGV[5])
 end
-return seq
+return 'new ' .. seq
 """
 
 # KEYS: nick ; ARGV: owner, ttl (ms). Claim a free nick, or keep one this owner holds.
@@ -98,11 +104,22 @@ def _parse_entry(room: str, entry: str) -> tuple[int, Outgoing]:
     return message["seq"], Outgoing(message)
 
 
+def _ack_from(rid: Any, remembered: str) -> dict:
+    """An ack as stored in ``session:{id}:acks``: ``m {seq} {ts} {room}`` or ``d {ts}``."""
+    kind, _, rest = remembered.partition(" ")
+    if kind == "m":
+        seq, ts, room = rest.split(" ", 2)
+        return {"type": "ack", "room": room, "seq": int(seq), "ts": int(ts), "id": rid}
+    return {"type": "ack", "ts": int(rest), "id": rid}
+
+
 class RedisBroker(Broker):
-    def __init__(self, url: str, history_size: int, resume_window: float = 120.0) -> None:
+    def __init__(self, url: str, history_size: int, resume_window: float = 120.0,
+                 presence_ttl: float = 15.0) -> None:
         self.url = url
         self.history_size = history_size
         self.resume_window = resume_window
+        self.presence_ttl = presence_ttl
         self.node = secrets.token_hex(8)
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=5, decode_responses=True, socket_timeout=5,
@@ -159,7 +176,7 @@ class RedisBroker(Broker):
     # ------------------------------------------------------------ nicks
 
     def claim_nick(self, nick_key: str, owner: str) -> bool:
-        if not self._call(self._claim, keys=[_k("nick", nick_key)], args=[owner, int(PRESENCE_TTL * 1000)]):
+        if not self._call(self._claim, keys=[_k("nick", nick_key)], args=[owner, int(self.presence_ttl * 1000)]):
             return False
         self._nicks[nick_key] = owner
         return True
@@ -178,7 +195,11 @@ class RedisBroker(Broker):
                 _k("session", session_id or "-", "acks"), _k("session", session_id or "-", "ackids")]
         args = [ujson.dumps(message, ensure_ascii=False), self.history_size, ack_field,
                 f"{message['ts']} {room}", max(1, int(self.resume_window) + 60), ACKS_KEPT]
-        message["seq"] = int(self._call(self._append, keys=keys, args=args))
+        result = self._call(self._append, keys=keys, args=args)
+        kind, _, rest = result.partition(" ")
+        if kind != "new":
+            raise AlreadyAcked(_ack_from(rid, result))
+        message["seq"] = int(rest)
         return Outgoing(message)
 
     def publish(self, room: str, out: Outgoing, exclude: str | None = None) -> None:
@@ -315,12 +336,7 @@ class RedisBroker(Broker):
         remembered = {}
         for field, value in acks.items():
             rid = ujson.loads(field)
-            kind, _, rest = value.partition(" ")
-            if kind == "m":
-                seq, ts, room = rest.split(" ", 2)
-                remembered[rid] = {"type": "ack", "room": room, "seq": int(seq), "ts": int(ts), "id": rid}
-            else:
-                remembered[rid] = {"type": "ack", "ts": int(rest), "id": rid}
+            remembered[rid] = _ack_from(rid, value)
         holder = record.get("holder") or None
         return SessionRecord(record["nick"], ujson.loads(record.get("rooms", "[]")), remembered, holder)
 
@@ -434,7 +450,7 @@ class RedisBroker(Broker):
 
     def _refresh_loop(self) -> None:
         while self._running:
-            gevent.sleep(REFRESH_INTERVAL)
+            gevent.sleep(self.presence_ttl / REFRESHES_PER_TTL)
             try:
                 self._refresh()
                 if not self._up:
@@ -448,7 +464,7 @@ class RedisBroker(Broker):
         pipe = self.redis.pipeline(transaction=False)
         expiry = self._expiry_ms()
         for nick_key, owner in self._nicks.items():
-            pipe.pexpire(_k("nick", nick_key), int(PRESENCE_TTL * 1000))
+            pipe.pexpire(_k("nick", nick_key), int(self.presence_ttl * 1000))
         for room, nicks in self._members.items():
             if nicks:
                 pipe.zadd(_k("room", room, "members"), dict.fromkeys(nicks, expiry), xx=True)
@@ -461,5 +477,5 @@ class RedisBroker(Broker):
         return int(time.time() * 1000)
 
     def _expiry_ms(self) -> int:
-        return self._now_ms() + int(PRESENCE_TTL * 1000)
+        return self._now_ms() + int(self.presence_ttl * 1000)
 
