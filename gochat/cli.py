@@ -83,6 +83,14 @@ def serve(config_file: str | None, profile: str | None, **flags: Any) -> None:
     """Run the chat server until SIGTERM or SIGINT (then drain gracefully)."""
     config = build_config(config_file, profile, flags)
     setup_logging(config)
+    if config.workers > 1:
+        from gochat.supervisor import Supervisor
+
+        try:
+            supervisor = Supervisor(config, worker_args(sys.argv))
+        except OSError as exc:
+            raise click.ClickException(f"cannot start: {exc}") from None
+        sys.exit(supervisor.run())
     from gochat.server import Server
 
     try:
@@ -90,6 +98,23 @@ def serve(config_file: str | None, profile: str | None, **flags: Any) -> None:
     except (ConfigError, ValueError, OSError) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     sys.exit(server.serve_forever())
+
+
+SUPERVISOR_FLAGS = ("--workers", "--port", "--admin-port", "--admin-host")
+
+
+def worker_args(argv: list[str]) -> list[str]:
+    """The serve options a worker inherits: all but those the supervisor sets for each worker."""
+    args = argv[argv.index("serve") + 1:] if "serve" in argv else []
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in SUPERVISOR_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(flag + "=" for flag in SUPERVISOR_FLAGS)):
+            kept.append(arg)
+    return kept
 
 
 @cli.group("config")

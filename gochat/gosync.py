@@ -166,14 +166,14 @@ class Chan(Generic[T]):
     def send(self, value: T) -> None:
         """``ch <- value``; raises ChanClosedError if the channel is (or gets) closed."""
         if not self._try_send(value):
-            select(Send(self, value))
+            _block((Send(self, value),), None)
 
     def recv(self) -> tuple[T | None, bool]:
         """``v, ok := <-ch``: ``(value, True)``, or ``(None, False)`` once closed and drained."""
         got = self._try_recv()
         if got is not None:
             return got
-        _, value, ok = select(Recv(self))
+        _, value, ok = _block((Recv(self),), None)
         return value, ok
 
     def close(self) -> None:
@@ -230,7 +230,9 @@ def select(*cases: Recv | Send, default: bool = False, timeout: float | None = N
     """
     if default and timeout is not None:
         raise ValueError("select takes default or timeout, not both")
-    for i in random.sample(range(len(cases)), len(cases)):  # Go polls in random order: fairness
+    n = len(cases)
+    # Go polls the cases in a random order: fairness among ready ones.
+    for i in random.sample(range(n), n) if n > 1 else range(n):
         case = cases[i]
         if case.chan is None:
             continue
@@ -243,7 +245,11 @@ def select(*cases: Recv | Send, default: bool = False, timeout: float | None = N
                 return Selected(i, *got)
     if default:
         return Selected(None)
+    return _block(cases, timeout)
 
+
+def _block(cases: tuple[Recv | Send, ...], timeout: float | None) -> Selected:
+    """Wait in every case's channel queue at once until one case fires (or the timeout)."""
     waiter = _Waiter()
     queued: list[tuple[dict[_Entry, None], _Entry]] = []
     for i, case in enumerate(cases):

@@ -111,6 +111,8 @@ class Server:
         self._signals = 0
         ssl_args = {"certfile": config.tls_cert, "keyfile": config.tls_key} if config.tls_cert else {}
         self.tls = bool(ssl_args)
+        if listener is None and os.environ.get("GOCHAT_REUSE_PORT") == "1":  # a worker of gochat.supervisor
+            listener = listening_socket(config.host, config.port, reuse_port=True)
         self.stream_server = StreamServer(listener or (config.host, config.port), self._handle,
                                           spawn=self.pool, **ssl_args)
         self.admin = None
@@ -176,8 +178,9 @@ class Server:
             self.admin.start()
         host, port = self.address
         admin = f"{self.config.admin_host}:{self.admin.port}" if self.admin else "off"
-        log.info("gochat listening on %s:%d (admin %s, broker %s, max_connections %d)",
-                 host, port, admin, self.config.broker, self.max_connections)
+        role = "gochat worker" if os.environ.get("GOCHAT_REUSE_PORT") == "1" else "gochat"
+        log.info("%s listening on %s:%d (admin %s, broker %s, max_connections %d)",
+                 role, host, port, admin, self.config.broker, self.max_connections)
 
     def serve_forever(self) -> int:
         """Run until a signal has drained the server; the exit status (0, or 1 for a second signal)."""
@@ -297,6 +300,7 @@ class Server:
             "messages_in": self.hub.messages_posted,
             "deliveries": self.hub.deliveries,
             "uptime_s": round(time.time() - self.started, 3),
+            "pid": os.getpid(),
             "max_connections": self.max_connections,
             "open_files_limit": self.nofile[0],
             "draining": self.draining,

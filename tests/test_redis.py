@@ -1,6 +1,7 @@
 """Several gochat nodes as one service through a real `redis-server` each test starts itself."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -186,3 +187,27 @@ def test_redis_outage_loses_no_acked_message_and_reuses_no_seq(nodes, chat, redi
         got.append(reader.expect("msg", room="r", timeout=10)["seq"])
     assert got == sorted(set(got)), "a message came twice or out of order"
     assert set(acked) <= set(got), "an acked message was lost"
+
+
+def test_workers_share_one_port_and_chat_across(start_server, redis_server, chat):
+    s = start_server(broker=redis_server.url, workers=2, rate=100000, burst=100000)
+    clients = [chat(s.port, f"w{i}", room="r") for i in range(24)]
+    stats = s.stats()
+    per_worker = [w["connections"] for w in stats["workers"]]
+    assert stats["connections"] == 24 and all(n > 0 for n in per_worker), per_worker
+    clients[0].send("r", "to everyone")
+    for c in clients:
+        assert c.expect("msg", room="r")["text"] == "to everyone"
+    assert 'worker="1"' in s.admin("/metrics")[1]
+    s.signal()
+    assert s.wait() == 0
+
+
+def test_a_dead_worker_is_restarted(start_server, redis_server, chat):
+    s = start_server(broker=redis_server.url, workers=2)
+    first = s.stats()["workers"][0]
+    os.kill(first["pid"], signal.SIGKILL)
+    s.wait_for_log(r"worker 0 exited")
+    s.wait_for_log(rf"worker 0 ready \(pid (?!{first['pid']}\))\d+", timeout=15)
+    assert s.stats()["workers"][0]["pid"] != first["pid"]
+    assert chat(s.port, "after-restart").nick == "after-restart"
