@@ -1,7 +1,12 @@
-"""The admin HTTP server (PROTOCOL.md section 8): health, readiness, metrics, stats.
+"""The admin HTTP server (PROTOCOL.md section 8): health, readiness, metrics, stats, status page.
 
 It runs on gevent's WSGI server in the same process and stays up during the drain, so
-load balancers see /ready turn 503 while clients are being told to leave.
+load balancers see /ready turn 503 while clients are being told to leave. ``GET /`` is a
+live status page (gochat.status_page) drawn from /stats, /ready and /metrics.
+
+It also exports the gauges that alerting needs as ratios (connections against
+``max_connections``, open files against the limit) and the process's memory and start
+time, which the private metrics registry would otherwise not have.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gochat import metrics
+from gochat import metrics, status_page
 
 if TYPE_CHECKING:
     from gochat.server import Server
@@ -27,6 +32,7 @@ class AdminServer:
         self.server = server
         config = server.config
         self.http = WSGIServer((config.admin_host, config.admin_port), self.app, log=None, error_log=log)
+        _register_gauges(server)
 
     @property
     def port(self) -> int:
@@ -42,6 +48,8 @@ class AdminServer:
         path = environ.get("PATH_INFO", "/")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return self._json(start_response, "405 Method Not Allowed", {"error": "GET only"})
+        if path in ("/", "/status"):
+            return status_page.app(environ, start_response)
         if path == "/health":
             return self._json(start_response, "200 OK", {"ok": True})
         if path == "/ready":
@@ -62,3 +70,14 @@ class AdminServer:
         data = json.dumps(body).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
         return [data]
+
+
+def _register_gauges(server: "Server") -> None:
+    """Gauges for capacity alerts and dashboards: the caps in force, memory, start time."""
+    from gochat.server import rss_bytes
+
+    metrics.gauge("gochat_max_connections", "Connection cap in force (max_connections, bounded by open files)",
+                  lambda: server.max_connections)
+    metrics.gauge("gochat_open_files_limit", "Soft open-file limit of the process", lambda: server.nofile[0])
+    metrics.gauge("gochat_resident_memory_bytes", "Resident memory of the process", rss_bytes)
+    metrics.gauge("gochat_start_time_seconds", "Unix time the process started", lambda: server.started)

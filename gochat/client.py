@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import gevent
 from gevent import socket as gsocket
+from gevent import ssl as gssl
 from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 from gevent.queue import Queue
@@ -31,6 +32,17 @@ REPLY_TYPES = frozenset({"welcome", "ack", "joined", "left", "who", "rooms", "hi
 CLOSED = object()  # inbox sentinel: the connection ended
 DEFAULT_TIMEOUT = 10.0
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # server messages may exceed max_frame_bytes (a big history)
+
+
+def wrap_tls(sock: gsocket.socket, tls: bool | ssl.SSLContext, host: str) -> gssl.SSLSocket:
+    """TLS over a gevent socket, handshake included, without blocking the loop.
+
+    A standard-library context would do a blocking handshake on gevent's socket (in a
+    monkey-patched process ``ssl.SSLContext`` already is gevent's), so a given context is
+    used through gevent's SSLSocket, which takes any context.
+    """
+    context = gssl.create_default_context() if tls is True else tls
+    return gssl.SSLSocket(sock=sock, server_hostname=host, _context=context)
 
 
 class ChatError(Exception):
@@ -58,8 +70,7 @@ class Client:
                                          source_address=(source, 0) if source else None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls:
-            context = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
-            sock = context.wrap_socket(sock, server_hostname=host)
+            sock = wrap_tls(sock, tls, host)
         sock.settimeout(None)
         self.sock = sock
         self.session: str | None = None

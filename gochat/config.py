@@ -107,6 +107,7 @@ class Config:
     history_size: int = _setting(1000, "messages retained per room (0: none)", 0)
     resume_window: float = _setting(120.0, "seconds a dropped session waits to be resumed (0: offline at once)", 0)
     drain_timeout: float = _setting(10.0, "seconds to flush clients on shutdown", 0)
+    drain_spread: float = _setting(0.0, "seconds over which shutdown closes are spread (lame duck; within drain_timeout)", 0)
     auth: str = _setting("none", "client authentication", choices=("none", "jwt"))
     jwt_secret: str | None = _setting(None, "HS256 secret (auth = jwt)")
     jwt_public_key: str | None = _setting(None, "RS256 public key PEM file (auth = jwt)")

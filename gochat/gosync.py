@@ -4,8 +4,9 @@ gevent has queues, events, locks and pools, which cover most of Go's toolbox (se
 docs/go-migration.md). What it does not have:
 
 * a channel that can be **closed**, so that ``for v in ch`` ends like Go's ``for range``
-  and a receiver can tell "closed" from "a value" (``v, ok := <-ch``): ``gevent.queue``
-  has no close, and a sentinel value is a convention every reader must know;
+  and a receiver can tell "closed" from "a value" (``v, ok := <-ch``): a sentinel value
+  in a ``gevent.queue`` is a convention every reader must know (recent gevent releases
+  add Python 3.13's ``Queue.shutdown()``, still without ``v, ok`` or select);
 * ``select`` over several channels, with ``default`` and a timeout: with queues a greenlet
   can only wait on one at a time;
 * a ``context.Context``: a tree of cancellations with deadlines, whose ``done()`` can be
@@ -36,7 +37,7 @@ from gevent import get_hub
 from gevent.event import Event
 
 __all__ = [
-    "CANCELED", "DEADLINE_EXCEEDED", "Chan", "ChanClosedError", "Context", "Recv", "Selected", "Send",
+    "CANCELED", "DEADLINE_EXCEEDED", "CancelFunc", "Chan", "ChanClosedError", "Context", "Recv", "Selected", "Send",
     "Ticker", "after", "background", "select", "with_cancel", "with_deadline", "with_timeout",
 ]
 
@@ -117,6 +118,9 @@ class Chan(Generic[T]):
     def __len__(self) -> int:
         """Values buffered now (Go's ``len(ch)``)."""
         return len(self._buf)
+
+    def __bool__(self) -> bool:
+        return True  # a channel is a channel, however empty: ``if ch:`` must not mean ``len(ch)``
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -245,10 +249,10 @@ def select(*cases: Recv | Send, default: bool = False, timeout: float | None = N
                 return Selected(i, *got)
     if default:
         return Selected(None)
-    return _block(cases, timeout)
+    return Selected(*_block(cases, timeout))
 
 
-def _block(cases: tuple[Recv | Send, ...], timeout: float | None) -> Selected:
+def _block(cases: tuple[Recv | Send, ...], timeout: float | None) -> tuple[int | None, Any, bool]:
     """Wait in every case's channel queue at once until one case fires (or the timeout)."""
     waiter = _Waiter()
     queued: list[tuple[dict[_Entry, None], _Entry]] = []
@@ -270,10 +274,10 @@ def _block(cases: tuple[Recv | Send, ...], timeout: float | None) -> Selected:
             cases[waiter.index].chan._give_back(waiter.value)
         raise
     if not _withdraw(waiter, queued):
-        return Selected(None)  # timed out
+        return None, None, False  # timed out
     if waiter.closed:
         raise ChanClosedError("send on closed channel")
-    return Selected(waiter.index, waiter.value, waiter.ok)
+    return waiter.index, waiter.value, waiter.ok
 
 
 def _withdraw(waiter: _Waiter, queued: list[tuple[dict[_Entry, None], _Entry]]) -> bool:

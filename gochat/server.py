@@ -198,15 +198,31 @@ class Server:
         gevent.spawn(self.drain)
 
     def drain(self) -> None:
-        """Graceful shutdown, in the order of PROTOCOL.md section 6."""
+        """Graceful shutdown, in the order of PROTOCOL.md section 6, in lame-duck style.
+
+        Every client is told at once; the closes are then spread over ``drain_spread``
+        seconds (NATS lame-duck mode), each client's ``reconnect_after`` pointing past its
+        own close plus jitter, so that reconnects reach the other nodes as a trickle,
+        not a storm. Everything ends by ``drain_timeout``.
+        """
         self.draining = True
         self.stream_server.close()
-        for conn in list(self.connections):
-            conn.begin_drain(random.randint(*RECONNECT_AFTER_MS))
-        deadline = time.monotonic() + self.config.drain_timeout
+        started = time.monotonic()
+        deadline = started + self.config.drain_timeout
+        spread = min(self.config.drain_spread, self.config.drain_timeout)
+        conns = list(self.connections)
+        random.shuffle(conns)
+        schedule = []
+        for i, conn in enumerate(conns):
+            close_at = spread * i / len(conns)
+            conn.begin_drain(int(close_at * 1000) + random.randint(*RECONNECT_AFTER_MS))
+            schedule.append((close_at, conn))
         while time.monotonic() < deadline and not all(c.flushed for c in self.connections):
             gevent.sleep(DRAIN_POLL)
-        for conn in list(self.connections):
+        for close_at, conn in schedule:
+            wait = min(started + close_at, deadline) - time.monotonic()
+            if wait > 0:
+                gevent.sleep(wait)
             conn.end_drain()
         if not self.pool.join(timeout=2.0):
             self.pool.kill(block=True, timeout=1.0)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 
+import gevent
 import pytest
 
 from gochat.client import ChatError
@@ -148,3 +150,19 @@ def test_handler_exception_closes_only_that_connection(start_server, chat, raw):
     assert watcher.send("r", "still here")["seq"] == 1
     assert "gochat_handler_exceptions_total 1.0" in s.admin("/metrics")[1]
     assert 'gochat_connections_closed_total{reason="handler_exception"} 1.0' in s.admin("/metrics")[1]
+
+
+def test_lame_duck_drain_spreads_the_closes(start_server, chat):
+    s = start_server(drain_timeout=10, drain_spread=2)
+    clients = [chat(s.port, f"duck{i}") for i in range(8)]
+    s.signal()
+    offsets = sorted(c.expect("shutdown")["reconnect_after"] for c in clients)
+    assert offsets[0] >= 1000 and offsets[-1] - offsets[0] > 1000  # spread: some close seconds later
+    def closed_when(client):
+        assert client.recv(timeout=10) is None
+        return time.monotonic()
+
+    watchers = [gevent.spawn(closed_when, c) for c in clients]
+    closed_at = [w.get(timeout=15) for w in watchers]
+    assert max(closed_at) - min(closed_at) > 1.0  # not one storm
+    assert s.wait() == 0
