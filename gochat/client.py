@@ -8,6 +8,8 @@ inbox, which ``recv`` and iteration read. Server pings are answered by the reade
 from __future__ import annotations
 
 import itertools
+import random
+import secrets
 import socket
 import ssl
 from typing import Any, Iterator
@@ -45,6 +47,13 @@ def wrap_tls(sock: gsocket.socket, tls: bool | ssl.SSLContext, host: str) -> gss
     return gssl.SSLSocket(sock=sock, server_hostname=host, _context=context)
 
 
+# How a client should take each error code (the source article's split): retry after a
+# pause, or give up and tell the caller. Codes in neither set are request-level answers.
+RETRYABLE_CODES = frozenset({"unavailable", "shutting_down", "idle_timeout", "rate_limited", "slow_consumer",
+                             "too_many_connections", "handshake_timeout"})
+FATAL_CODES = frozenset({"auth_failed", "bad_nick", "unsupported_version", "nick_taken"})
+
+
 class ChatError(Exception):
     """An ``error`` the server answered a request with."""
 
@@ -53,6 +62,14 @@ class ChatError(Exception):
         self.code = reply.get("code", "")
         self.message = reply.get("message", "")
         super().__init__(f"{self.code}: {self.message}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE_CODES
+
+
+class FatalChatError(ChatError):
+    """An error that retrying cannot fix (bad credentials, a nick in use, a protocol mismatch)."""
 
 
 class ConnectionClosed(ConnectionError):
@@ -248,3 +265,138 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Backoff:
+    """Jittered exponential backoff ("full jitter"): a random pause up to base * 2^attempt, capped."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+        self.base, self.cap = base, cap
+        self.attempt = 0
+
+    def pause(self) -> float:
+        delay = random.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ReconnectingClient:
+    """A client that survives restarts, drains and failovers: it reconnects and resumes on its own.
+
+    It tries ``addresses`` in turn with jittered exponential backoff, resumes its session
+    (same nick, same rooms) and re-joins every room with ``since`` = the last seq it saw,
+    so it gets exactly the messages it missed. ``send`` gives every message an id and
+    retries it until acked, so a retry is never posted twice. Retryable failures (network
+    errors, ``unavailable``, ``shutting_down``, ``idle_timeout``, ``rate_limited`` after a
+    pause) are retried; fatal ones raise :class:`FatalChatError` from the server's error.
+    """
+
+    def __init__(self, addresses: list[tuple[str, int]], nick: str | None = None, token: str | None = None,
+                 codec: str = "json", tls: bool | ssl.SSLContext = False, timeout: float = DEFAULT_TIMEOUT,
+                 backoff: Backoff | None = None, max_attempts: int = 50) -> None:
+        self.addresses = list(addresses)
+        self.nick, self.token, self.codec, self.tls, self.timeout = nick, token, codec, tls, timeout
+        self.backoff = backoff or Backoff()
+        self.max_attempts = max_attempts
+        self.session: str | None = None
+        self.rooms: dict[str, int | None] = {}  # room -> last seq seen
+        self.reconnects = -1
+        self.client: Client | None = None
+        self._next_address = 0
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4)
+        self._reconnect_after = 0.0
+        self.connect()
+
+    def connect(self) -> None:
+        """(Re)connect until a session is up; raises FatalChatError, or ConnectionClosed after max_attempts."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self._reconnect_after:
+            gevent.sleep(self._reconnect_after)  # the server's lame-duck advice
+            self._reconnect_after = 0.0
+        last_error: Exception | None = None
+        for _ in range(self.max_attempts):
+            host, port = self.addresses[self._next_address % len(self.addresses)]
+            self._next_address += 1
+            try:
+                self.client = self._open(host, port)
+                self.backoff.reset()
+                self.reconnects += 1
+                return
+            except ChatError as exc:
+                if exc.code in FATAL_CODES:
+                    raise FatalChatError(exc.reply) from exc
+                last_error = exc
+            except (OSError, TimeoutError) as exc:
+                last_error = exc
+            gevent.sleep(self.backoff.pause())
+        raise ConnectionClosed(f"gave up after {self.max_attempts} attempts: {last_error}") from last_error
+
+    def _open(self, host: str, port: int) -> Client:
+        client = Client(host, port, codec=self.codec, tls=self.tls, timeout=self.timeout)
+        try:
+            welcome = None
+            if self.session:
+                try:
+                    welcome = client.hello(resume=self.session)
+                except ChatError as exc:
+                    if exc.code != "bad_session":
+                        raise
+            if welcome is None:
+                welcome = client.hello(nick=self.nick, token=self.token)
+            self.session, self.nick = welcome["session"], welcome["nick"]
+            for room, seen in self.rooms.items():
+                client.join(room, since=seen)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _retrying(self, call: Any) -> dict:
+        while True:
+            try:
+                return call(self.client)
+            except ChatError as exc:
+                if exc.code in FATAL_CODES:
+                    raise FatalChatError(exc.reply) from exc
+                if not exc.retryable:
+                    raise
+                gevent.sleep(self.backoff.pause())
+                if exc.code in ("shutting_down", "idle_timeout", "slow_consumer"):
+                    self.connect()
+            except (ConnectionClosed, OSError, TimeoutError):
+                self.connect()
+
+    def join(self, room: str, since: int | None = None) -> dict:
+        joined = self._retrying(lambda c: c.join(room, since))
+        self.rooms.setdefault(room, since if since is not None else joined["seq"])
+        return joined
+
+    def send(self, room: str, text: str, id: Any = None) -> dict:
+        """Post and wait for the ack, retrying across reconnects with one id: exactly once."""
+        rid = id if id is not None else f"{self._id_prefix}-{next(self._ids)}"
+        return self._retrying(lambda c: c.send(room, text, id=rid))
+
+    def recv(self, timeout: float | None = None) -> dict:
+        """The next pushed message, reconnecting (and replaying what was missed) when the connection ends."""
+        while True:
+            message = self.client.recv(timeout)
+            if message is None or message.get("type") == "closed":
+                self.connect()
+                continue
+            kind = message.get("type")
+            if kind == "msg" and message["room"] in self.rooms:
+                self.rooms[message["room"]] = max(message["seq"], self.rooms[message["room"]] or 0)
+            elif kind == "shutdown":
+                self._reconnect_after = message.get("reconnect_after", 0) / 1000
+            return message
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.bye()
+            self.client = None

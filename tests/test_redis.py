@@ -4,53 +4,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import time
 
 import gevent
 import pytest
 
 from gochat.client import ChatError
-from conftest import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 PRESENCE_TTL = 1.0  # short, so that a dead node's members vanish within the test
-
-
-class RedisServer:
-    """A private redis-server on a free port, with append-only persistence in a temp dir."""
-
-    def __init__(self, directory: str, port: int | None = None) -> None:
-        self.dir, self.port = directory, port or free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in self.proc.stdout:  # the server says when it is ready: wait for that line
-            if "Ready to accept connections" in line:
-                return
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self, signum: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signum)
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(str(tmp_path))
-    yield server
-    server.stop(signal.SIGKILL)
 
 
 @pytest.fixture
