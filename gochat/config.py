@@ -100,6 +100,10 @@ class Config:
     handshake_timeout: float = _setting(10.0, "seconds from connect until the welcome (0: never)", 0)
     heartbeat: float = _setting(30.0, "seconds of silence before the server pings (0: no pings)", 0)
     idle_timeout: float = _setting(90.0, "seconds of silence before the server closes (0: never)", 0)
+    heartbeat_mode: str = _setting("fixed", "fixed, or adaptive: per-connection interval from measured RTT and jitter",
+                                   choices=("fixed", "adaptive"))
+    heartbeat_high_rtt: float = _setting(1.0, "adaptive: a smoothed RTT above this (s) pings half as often", 0.001)
+    heartbeat_jitter: float = _setting(0.2, "adaptive: RTT jitter above this (s) pings twice as often", 0.001)
     rate: float = _setting(20.0, "requests per second per connection (token bucket refill)", 0.001)
     burst: int = _setting(40, "token bucket size", 1)
     max_strikes: int = _setting(50, "rate-limited requests in a row before the connection is closed", 1)

@@ -54,6 +54,7 @@ from gochat.protocol import (
     parse_request,
     parse_text_line,
 )
+from gochat.heartbeat import Heartbeat
 from gochat.limits import TokenBucket
 from gochat.outbox import Outbox, RoomFeed
 
@@ -61,6 +62,7 @@ log = logging.getLogger("gochat.conn")
 
 RECV_BYTES = 65536
 INFINITY = float("inf")
+PINGS_REMEMBERED = 4
 CLOSE_FLUSH_TIMEOUT = 2.0  # seconds a closing connection may take to write what it owes
 LINGER_TIMEOUT = 1.0  # seconds, and bytes, a connection closed for an error reads on after FIN
 LINGER_MAX_BYTES = 1 << 20
@@ -163,7 +165,7 @@ class Connection:
     # Slots: an idle connection's own state is a few hundred bytes (the performance issue
     # measures memory per connection).
     __slots__ = ("config", "hub", "flusher", "sock", "address", "opened", "state", "codec", "session",
-                 "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "last_ping_ts",
+                 "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "pings_sent", "heartbeat",
                  "outbox", "_flush_scheduled", "_writer", "_greenlet", "_send_nowait")
 
     def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub,
@@ -184,7 +186,8 @@ class Connection:
         self.bucket = TokenBucket(config.rate, config.burst, config.max_strikes)
         self.last_recv = self.opened
         self.pings_unanswered = 0
-        self.last_ping_ts: int | None = None
+        self.pings_sent: list[int] = []  # ts of the last few pings: a slow pong may follow a newer ping
+        self.heartbeat = Heartbeat(config)
         # output: what waits for the flusher, or for the writer greenlet while one exists
         self.outbox = Outbox(None)
         self._flush_scheduled = False
@@ -255,9 +258,9 @@ class Connection:
             return INFINITY  # section 4: text users get no pings and no idle timeout
         deadline = INFINITY
         if cfg.heartbeat > 0:
-            deadline = self.last_recv + cfg.heartbeat * (self.pings_unanswered + 1)
+            deadline = self.last_recv + self.heartbeat.interval * (self.pings_unanswered + 1)
         if cfg.idle_timeout > 0:
-            deadline = min(deadline, self.last_recv + cfg.idle_timeout)
+            deadline = min(deadline, self.last_recv + self.heartbeat.idle_timeout)
         return deadline
 
     def check_deadlines(self, now: float) -> None:
@@ -270,12 +273,13 @@ class Connection:
             self._abort_socket()
         elif self.state is State.GREETING:
             self.fail(ProtocolError("handshake_timeout"))
-        elif cfg.idle_timeout > 0 and now >= self.last_recv + cfg.idle_timeout:
-            self.fail(ProtocolError("idle_timeout", f"nothing received for {cfg.idle_timeout:g} s"))
+        elif cfg.idle_timeout > 0 and now >= self.last_recv + self.heartbeat.idle_timeout:
+            self.fail(ProtocolError("idle_timeout", f"nothing received for {self.heartbeat.idle_timeout:g} s"))
         else:
             self.pings_unanswered += 1
-            self.last_ping_ts = now_ms()
-            self.send({"type": "ping", "ts": self.last_ping_ts})
+            ts = now_ms()
+            self.pings_sent = self.pings_sent[-(PINGS_REMEMBERED - 1):] + [ts]
+            self.send({"type": "ping", "ts": ts})
 
     def _process_input(self) -> None:
         decoder = self.decoder
@@ -417,9 +421,11 @@ class Connection:
         self.reply(request.id, reply)
 
     def _pong(self, request: Pong) -> None:
-        if request.ts is not None and request.ts == self.last_ping_ts:
-            metrics.heartbeat_rtt.observe(max(0, now_ms() - request.ts) / 1000)
-            self.last_ping_ts = None
+        if request.ts in self.pings_sent:
+            self.pings_sent.remove(request.ts)
+            rtt = max(0, now_ms() - request.ts) / 1000
+            metrics.heartbeat_rtt.observe(rtt)
+            self.heartbeat.observe(rtt)
 
     def _bye(self, request: Bye) -> None:
         self.close_reason = CloseReason.BYE

@@ -312,6 +312,7 @@ class Server:
             "greenlets": count_greenlets(),
             "handler_greenlets": len(self.pool),
             "open_files": count_open_files(),
+            "heartbeat_profiles": dict(Counter(c.heartbeat.profile for c in self.connections if c.session)),
             "rss_bytes": rss_bytes(),
             "messages_in": self.hub.messages_posted,
             "deliveries": self.hub.deliveries,
