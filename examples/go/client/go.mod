@@ -1,0 +1,3 @@
+module gochat-examples/client
+
+go 1.19

@@ -1,0 +1,3 @@
+module gochat-examples/echo
+
+go 1.19

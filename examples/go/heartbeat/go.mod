@@ -1,0 +1,3 @@
+module gochat-examples/heartbeat
+
+go 1.19

@@ -1,0 +1,3 @@
+module gochat-examples/recover
+
+go 1.19

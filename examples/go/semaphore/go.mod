@@ -1,0 +1,3 @@
+module gochat-examples/semaphore
+
+go 1.19

@@ -1,0 +1,3 @@
+module gochat-examples/shutdown
+
+go 1.19

@@ -1,0 +1,3 @@
+module gochat-examples/syncpool
+
+go 1.19
