@@ -21,6 +21,7 @@ setup(
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.90", "locust>=2.20", "cryptography>=41"],
         "load": ["locust>=2.20"],
+        "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["gochat=gochat.cli:main"]},
 )

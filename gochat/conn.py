@@ -19,6 +19,7 @@ no session) -> SESSION -> DRAINING (server shutdown) -> CLOSED. Any state may cl
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import socket
@@ -95,6 +96,7 @@ class CloseReason(str, enum.Enum):
 
     BYE = "bye"
     PEER_CLOSED = "peer_closed"
+    PEER_RESET = "peer_reset"
     IO_ERROR = "io_error"
     TOO_LARGE = "too_large"
     AUTH_FAILED = "auth_failed"
@@ -238,8 +240,9 @@ class Connection:
                 # read buffer at all (a pooled 64 KiB buffer held across the wait would
                 # cost more than the whole connection should).
                 data = recv(RECV_BYTES)
-            except OSError:
-                self.close_reason = self.close_reason or CloseReason.IO_ERROR
+            except OSError as exc:
+                reset = exc.errno in (errno.ECONNRESET, errno.EPIPE)
+                self.close_reason = self.close_reason or (CloseReason.PEER_RESET if reset else CloseReason.IO_ERROR)
                 return
             if not data:
                 self.close_reason = self.close_reason or CloseReason.PEER_CLOSED

@@ -49,9 +49,9 @@ main { padding:14px 20px 20px; }
 canvas { width:100%; height:150px; display:block; }
 .legend { font-size:12px; color:var(--mute); margin-top:4px; }
 .legend i { display:inline-block; width:10px; height:3px; vertical-align:middle; margin:0 4px 0 10px; }
-.hist { display:grid; grid-template-columns:64px 1fr 70px; gap:3px 8px; align-items:center; margin-top:8px;
+.hist { display:grid; grid-template-columns:72px 1fr 70px; gap:3px 8px; align-items:center; margin-top:8px;
         font-size:12px; font-variant-numeric:tabular-nums; }
-.hist .lbl { color:var(--mute); text-align:right; }
+.hist .lbl { color:var(--mute); text-align:right; white-space:nowrap; }
 .hist .track { background:var(--bg); height:12px; border-radius:2px; overflow:hidden; }
 .hist .track > div { height:100%; width:0; background:var(--acc); }
 .hist .n { text-align:right; }
@@ -70,7 +70,9 @@ const INTERVAL_MS = 1000;
 const RTT = "gochat_heartbeat_rtt_seconds";
 const $ = (id) => document.getElementById(id);
 const series = { t: [], conns: [], msgRate: [], dlvRate: [] };
-let prev = null, samples = 0;
+const RATE_WINDOW_S = 5;         // seconds the rates average over
+const window_ = [];              // recent samples of the cumulative counters
+let samples = 0;
 
 function set(id, text) { const el = $(id); if (el && el.textContent !== text) el.textContent = text; }
 function fmtInt(n) { return Number.isFinite(n) ? Math.round(n).toLocaleString("en-US") : "–"; }
@@ -165,9 +167,13 @@ function quantile(q, h) {
   return lower;
 }
 
+// A bucket bound as Prometheus writes it, in ms or s: 0.005 -> "5 ms", 2.5 -> "2.5 s".
+function fmtBound(le) {
+  if (!Number.isFinite(le)) return "–";
+  return le < 1 ? +(le * 1000).toPrecision(3) + " ms" : +le.toPrecision(3) + " s";
+}
 function leLabel(le) {
-  if (le === Infinity) return "> " + fmtSeconds(prevBound);
-  return "≤ " + fmtSeconds(le);
+  return le === Infinity ? "> " + fmtBound(prevBound) : "≤ " + fmtBound(le);
 }
 let prevBound = NaN;
 
@@ -265,24 +271,30 @@ function render(s, ready, metricsText) {
   bar("files-bar", files / filesLimit);
   const rss = stat(s, "rss_bytes");
   set("rss", fmtBytes(rss));
-  set("rss-per-conn", conns > 0 && rss > 0 ? fmtBytes(rss / conns) + " per connection" : "");
+  // Per connection only once connections outweigh the process's own base memory.
+  set("rss-per-conn", conns >= 100 && rss > 0 ? "≈ " + fmtBytes(rss / conns) + " per connection" : "whole process");
   const msgs = stat(s, "messages_in"), dlv = stat(s, "deliveries");
   set("msg-total", fmtInt(msgs));
   set("dlv-total", fmtInt(dlv));
-  set("fanout", msgs > 0 ? "fan-out " + (dlv / msgs).toFixed(1) + " per message" : "");
+  set("fanout", msgs > 0 ? "×" + (dlv / msgs).toFixed(1) + " per message" : "");
 
-  // Rates from two successive samples, over the server's own clock (uptime_s) when it moved.
+  // Rates from successive samples: the counters' growth over the last RATE_WINDOW_S seconds
+  // of the server's own clock (uptime_s; the browser's when it did not move), so that one
+  // slow poll does not show as a dip. A counter that fell was reset: start over.
   const now = { msgs, dlv, uptime: stat(s, "uptime_s"), clock: performance.now() / 1000 };
+  const last = window_.length ? window_[window_.length - 1] : null;
+  if (last && (now.msgs < last.msgs || now.dlv < last.dlv || now.uptime < last.uptime)) window_.length = 0;
+  window_.push(now);
+  const elapsed = (a, b) => (b.uptime > a.uptime ? b.uptime - a.uptime : b.clock - a.clock);
+  while (window_.length > 2 && elapsed(window_[1], now) >= RATE_WINDOW_S) window_.shift();
   let msgRate = NaN, dlvRate = NaN;
-  if (prev) {
-    let dt = now.uptime - prev.uptime;
-    if (!(dt > 0)) dt = now.clock - prev.clock;
-    if (dt > 0 && now.msgs >= prev.msgs && now.dlv >= prev.dlv) {  // a counter that fell was reset
-      msgRate = (now.msgs - prev.msgs) / dt;
-      dlvRate = (now.dlv - prev.dlv) / dt;
+  if (window_.length >= 2) {
+    const first = window_[0], dt = elapsed(first, now);
+    if (dt > 0) {
+      msgRate = (now.msgs - first.msgs) / dt;
+      dlvRate = (now.dlv - first.dlv) / dt;
     }
   }
-  prev = now;
   set("msg-rate", fmtRate(msgRate));
   set("dlv-rate", fmtRate(dlvRate));
   push("conns", conns); push("msgRate", msgRate); push("dlvRate", dlvRate);
@@ -324,7 +336,6 @@ async function tick() {
   } catch (err) {
     $("banner").textContent = "cannot read the admin port (" + (err && err.message || err) + "); showing the last sample";
     $("banner").className = "show";
-    prev = null;
   }
   setTimeout(tick, INTERVAL_MS);
 }
@@ -371,7 +382,7 @@ BODY = """<header>
       <div class="sub" id="rss-per-conn"></div></div>
   </div>
   <div class="row2">
-    <div class="card"><h2>Rates, last two minutes</h2>
+    <div class="card"><h2>Rates (5 s average), last two minutes</h2>
       <canvas id="rate-chart"></canvas>
       <div class="legend"><i class="l-msg"></i>messages in/s<i class="l-dlv"></i>deliveries/s</div>
       <h2 class="gap">Connections</h2>
@@ -386,7 +397,7 @@ BODY = """<header>
       <th>open files</th><th>memory</th></tr></thead><tbody id="workers"></tbody></table></div>
 </main>
 <footer>Polls /stats, /ready and /metrics every second. Rates are computed in this page from successive
-  samples. JSON: <a href="/stats">/stats</a> · <a href="/ready">/ready</a> · <a href="/metrics">/metrics</a></footer>
+  samples of the cumulative counters, averaged over 5 s. JSON: <a href="/stats">/stats</a> · <a href="/ready">/ready</a> · <a href="/metrics">/metrics</a></footer>
 """
 
 STYLE += """

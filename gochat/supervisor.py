@@ -28,6 +28,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from gochat.config import Config
+from gochat.gosync import Recv, background, select, with_cancel
 
 log = logging.getLogger("gochat.supervisor")
 
@@ -78,15 +79,16 @@ class Supervisor:
     def __init__(self, config: Config, argv: list[str]) -> None:
         self.config = config
         self.argv = argv  # the worker command line, minus --workers
-        self.stopping = False
+        self.ctx, self.stop = with_cancel(background())  # cancelled by the first signal
         self._signals = 0
         self.reservation = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
         self.reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.reservation.bind((config.host, config.port))
         self.port = self.reservation.getsockname()[1]
-        base = config.admin_port
-        self.workers = [Worker(i, self._worker_argv(i), self._worker_env(), base + 1 + i if base else _free_port())
+        # Workers' own admin ports are internal (127.0.0.1, free ports): the supervisor's admin
+        # port serves the whole group.
+        self.workers = [Worker(i, self._worker_argv(i), self._worker_env(), _free_port())
                         for i in range(config.workers)]
         self.admin = None
 
@@ -132,11 +134,11 @@ class Supervisor:
         delay = RESTART_BACKOFF[0]
         while True:
             code = worker.proc.wait()
-            if self.stopping:
+            if self.ctx.err():
                 return
             log.warning("worker %d exited with %s; restarting in %.1f s", worker.index, code, delay)
-            gevent.sleep(delay)
-            if self.stopping:
+            # select { case <-ctx.Done(): return; case <-time.After(delay): }
+            if select(Recv(self.ctx.done()), timeout=delay).index is not None:
                 return
             worker.restarts += 1
             worker.spawn()
@@ -147,7 +149,7 @@ class Supervisor:
         if self._signals > 1:
             self._kill_all()
             os._exit(1)
-        self.stopping = True
+        self.stop()
         for worker in self.workers:
             if worker.proc and worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)  # each worker drains its own clients
@@ -164,7 +166,7 @@ class Supervisor:
         if path == "/health":
             return _respond(start_response, "200 OK", b'{"ok": true}')
         if path == "/ready":
-            if self.stopping:
+            if self.ctx.err():
                 return _respond(start_response, "503 Service Unavailable", b'{"ready": false, "reason": "draining"}')
             for worker in self.workers:
                 status, body = _fetch(worker.url("/ready"))
