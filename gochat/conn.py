@@ -113,7 +113,8 @@ class CloseReason(str, enum.Enum):
 # Nothing more can be written (the socket failed or the backlog was dropped), or the
 # server's drain already spent drain_timeout flushing. A peer that closed may only have
 # half-closed (nc at the end of its input): it still gets what it is owed.
-NO_FLUSH_REASONS = frozenset({CloseReason.SLOW_CONSUMER, CloseReason.IO_ERROR, CloseReason.SHUTDOWN})
+NO_FLUSH_REASONS = frozenset({CloseReason.SLOW_CONSUMER, CloseReason.IO_ERROR, CloseReason.PEER_RESET,
+                              CloseReason.SHUTDOWN})
 
 ERROR_CLOSE_REASONS = {
     "too_large": CloseReason.TOO_LARGE,
