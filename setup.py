@@ -19,7 +19,8 @@ setup(
         "hiredis>=2.3",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.90", "locust>=2.20", "cryptography>=41"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.90", "locust>=2.20", "cryptography>=41",
+                 "PyYAML>=6.0"],
         "load": ["locust>=2.20"],
         "bench": ["matplotlib>=3.7"],
     },

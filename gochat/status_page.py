@@ -61,6 +61,14 @@ th:first-child, td:first-child { text-align:left; }
 #workers-card { display:none; margin-top:12px; }
 #workers-card.show { display:block; }
 footer { color:var(--mute); font-size:12px; padding:0 20px 16px; }
+.legend .l-msg { background:#1f6feb; } .legend .l-dlv { background:#d9480f; }
+h2.gap { margin-top:10px !important; }
+canvas.small { height:80px; }
+footer a { color:var(--acc); }
+@media (max-width: 900px) {
+  .grid { grid-template-columns:repeat(2, minmax(0, 1fr)); }
+  .row2 { grid-template-columns:1fr; }
+}
 """
 
 SCRIPT = r"""
@@ -69,7 +77,7 @@ const HISTORY = 120;             // samples kept for the charts (one a second)
 const INTERVAL_MS = 1000;
 const RTT = "gochat_heartbeat_rtt_seconds";
 const $ = (id) => document.getElementById(id);
-const series = { t: [], conns: [], msgRate: [], dlvRate: [] };
+const series = { conns: [], msgRate: [], dlvRate: [] };
 const RATE_WINDOW_S = 5;         // seconds the rates average over
 const window_ = [];              // recent samples of the cumulative counters
 let samples = 0;
@@ -303,7 +311,10 @@ function render(s, ready, metricsText) {
 
   const pill = $("ready");
   if (ready.ready) { pill.textContent = "ready"; pill.className = "pill ok"; }
-  else { pill.textContent = "not ready: " + (ready.reason || "unknown"); pill.className = ready.reason === "draining" ? "pill warn" : "pill bad"; }
+  else {
+    pill.textContent = "not ready: " + (ready.reason || "unknown");
+    pill.className = ready.reason === "draining" ? "pill warn" : "pill bad";
+  }
   set("uptime", fmtUptime(stat(s, "uptime_s")));
   set("pid", Array.isArray(s.workers) ? s.workers.length + " workers" : "pid " + (s.pid ?? "–"));
   set("broker", s.broker || (Array.isArray(s.workers) && s.workers[0] && s.workers[0].broker) || "–");
@@ -334,7 +345,8 @@ async function tick() {
     render(s, ready, metricsText);
     $("banner").className = "";
   } catch (err) {
-    $("banner").textContent = "cannot read the admin port (" + (err && err.message || err) + "); showing the last sample";
+    $("banner").textContent =
+      "cannot read the admin port (" + (err && err.message || err) + "); showing the last sample";
     $("banner").className = "show";
   }
   setTimeout(tick, INTERVAL_MS);
@@ -348,7 +360,8 @@ BODY = """<header>
   <h1>gochat</h1>
   <span class="meta" id="host"></span>
   <span class="pill" id="ready">…</span>
-  <div class="right meta">up <span id="uptime">–</span> · <span id="pid">–</span> · broker <span id="broker">–</span><br>
+  <div class="right meta">up <span id="uptime">–</span> · <span id="pid">–</span>
+    · broker <span id="broker">–</span><br>
     updated <span id="updated">–</span> · sample <span id="samples">0</span></div>
 </header>
 <div id="banner"></div>
@@ -397,16 +410,10 @@ BODY = """<header>
       <th>open files</th><th>memory</th></tr></thead><tbody id="workers"></tbody></table></div>
 </main>
 <footer>Polls /stats, /ready and /metrics every second. Rates are computed in this page from successive
-  samples of the cumulative counters, averaged over 5 s. JSON: <a href="/stats">/stats</a> · <a href="/ready">/ready</a> · <a href="/metrics">/metrics</a></footer>
+  samples of the cumulative counters, averaged over 5 s.
+  JSON: <a href="/stats">/stats</a> · <a href="/ready">/ready</a> · <a href="/metrics">/metrics</a></footer>
 """
 
-STYLE += """
-.legend .l-msg { background:#1f6feb; } .legend .l-dlv { background:#d9480f; }
-h2.gap { margin-top:10px !important; }
-canvas.small { height:80px; }
-footer a { color:var(--acc); }
-@media (max-width: 900px) { .grid { grid-template-columns:repeat(2, minmax(0, 1fr)); } .row2 { grid-template-columns:1fr; } }
-"""
 
 
 def _hash(source: str) -> str:

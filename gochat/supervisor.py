@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from gochat import status_page
 from gochat.config import Config
 from gochat.gosync import Recv, background, select, with_cancel
 
@@ -163,6 +164,8 @@ class Supervisor:
 
     def _admin_app(self, environ: dict, start_response) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if path in ("/", "/status"):
+            return status_page.app(environ, start_response)
         if path == "/health":
             return _respond(start_response, "200 OK", b'{"ok": true}')
         if path == "/ready":

@@ -4,11 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System tools the tests run for real: redis-server (multi-node tests) and Go (the Go
-# reference examples). Installed from Debian's packages when missing.
+# System tools the tests run for real, installed from Debian's packages when missing:
+# redis-server (multi-node tests), Go (the Go reference examples), Chromium (the status
+# page) and promtool (the alert rules).
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v go >/dev/null || missing+=(golang-go)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
