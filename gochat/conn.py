@@ -2,13 +2,15 @@
 
 This is the only code that touches the connection's socket (STYLE.md rule 4). The handler
 greenlet that ``StreamServer`` spawns for the connection (Go's ``go handleConn(conn)``) is
-the reader; it also drives the heartbeat and the timeouts through its ``recv`` deadline, so
-an idle connection costs exactly one greenlet.
+the reader. Heartbeats and timeouts are checked by the server's ticker through
+:meth:`Connection.check_deadlines` (no timer per blocked read), so an idle connection costs
+exactly one greenlet.
 
 Why not the Go way (a writer goroutine per client draining a channel)? In gevent a second
 greenlet per connection doubles the idle cost and adds a switch per delivery. Instead
-``deliver`` appends encoded bytes to the connection's buffer and marks it dirty; once per
-event-loop turn the :class:`Flusher` writes every dirty buffer with one non-blocking
+output goes into the connection's :class:`~gochat.outbox.Outbox` (bytes for replies, a
+cursor into the room's feed for broadcasts) and the connection is marked dirty; once per
+event-loop turn the :class:`Flusher` writes every dirty outbox with one non-blocking
 ``send`` (many messages, one syscall). Only when the kernel's socket buffer is full does a
 writer greenlet exist, and it exits once the backlog is written. Either the flusher or
 that writer writes, never both: one writer per socket at any time.
