@@ -53,7 +53,6 @@ from gochat.protocol import (
     Rooms,
     Who,
     encode,
-    error_message,
     parse_request,
     parse_text_line,
 )

@@ -51,7 +51,7 @@ def main() -> None:
         pooled = max(run(batch, True) for _ in range(3))
         print(f"| {batch} | {plain:,.0f} | {pooled:,.0f} | {pooled / plain:.2f} |")
     print()
-    print(f"| idle connection holds | recv | pooled buffer held across the wait |")
+    print("| idle connection holds | recv | pooled buffer held across the wait |")
     print("|---|---:|---:|")
     print(f"| read buffer | 0 B | {RECV_BYTES:,} B |")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -141,6 +142,33 @@ def redis_server(tmp_path):
     server = RedisServer(str(tmp_path))
     yield server
     server.stop(signal.SIGKILL)
+
+
+INSTALL_TIMEOUT = 480  # seconds for each of apt-get update and apt-get install
+
+
+def ensure_tool(names: tuple[str, ...], package: str) -> str:
+    """The path of a Debian-packaged tool, installing the package (as root) when it is missing."""
+    def find() -> str | None:
+        return next((p for p in map(shutil.which, names) if p), None)
+
+    path = find()
+    if path:
+        return path
+    why = f"{names[0]} is not installed (Debian package {package!r}: apt-get install -y {package})"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.fail(f"{why}; not root, so the test cannot install it", pytrace=False)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=INSTALL_TIMEOUT, capture_output=True)
+        done = subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, timeout=INSTALL_TIMEOUT,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{why}; apt-get install timed out", pytrace=False)
+    path = find()
+    if not path:
+        pytest.fail(f"{why}; apt-get install failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}", pytrace=False)
+    return path
 
 
 @pytest.fixture

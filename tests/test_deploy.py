@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import INSTALL_TIMEOUT, ensure_tool
+
 from gochat.config import PROFILES, SETTINGS, load
 from gochat.conn import CloseReason
 from gochat.protocol import ERRORS
@@ -33,7 +35,6 @@ K8S = DEPLOY / "k8s"
 UNIT = DEPLOY / "systemd" / "gochat.service"
 UNIT_ENV = DEPLOY / "systemd" / "gochat.env"
 OPERATIONS = ROOT / "docs" / "operations.md"
-INSTALL_TIMEOUT = 480  # seconds for each of apt-get update and apt-get install
 # Tests whose fixture may install a Debian package get room for it beyond pytest.ini's 120 s;
 # everything else they wait for is bounded on its own.
 INSTALLING = pytest.mark.timeout(2 * INSTALL_TIMEOUT + 120)
@@ -43,30 +44,6 @@ PROMETHEUS_SERIES = {"up"}
 # Connection rejections have their own reasons beside the close reasons.
 REJECT_REASONS = {"max_connections", "max_conns_per_ip"}
 TEARDOWN_S = 5  # after drain_timeout: joining handlers (2 s), killing stragglers (1 s), hub and broker
-
-
-def ensure_tool(names: tuple[str, ...], package: str) -> str:
-    """The path of a Debian-packaged tool, installing the package (as root) when it is missing."""
-    def find() -> str | None:
-        return next((p for p in map(shutil.which, names) if p), None)
-
-    path = find()
-    if path:
-        return path
-    why = f"{names[0]} is not installed (Debian package {package!r}: apt-get install -y {package})"
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.fail(f"{why}; not root, so the test cannot install it", pytrace=False)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=INSTALL_TIMEOUT, capture_output=True)
-        done = subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, timeout=INSTALL_TIMEOUT,
-                              capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{why}; apt-get install timed out", pytrace=False)
-    path = find()
-    if not path:
-        pytest.fail(f"{why}; apt-get install failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}", pytrace=False)
-    return path
 
 
 @pytest.fixture(scope="module")

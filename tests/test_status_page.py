@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import time
 import urllib.request
 from html.parser import HTMLParser
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import gevent
 import pytest
+from conftest import INSTALL_TIMEOUT, ensure_tool
 from gevent import subprocess as gsubprocess
 
 from gochat import status_page
@@ -31,35 +31,10 @@ from gochat.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
-INSTALL_TIMEOUT = 480  # seconds for each of apt-get update and apt-get install
 # Tests whose fixture may install a Debian package get room for it beyond pytest.ini's 120 s;
 # everything else they wait for is bounded on its own.
 INSTALLING = pytest.mark.timeout(2 * INSTALL_TIMEOUT + 120)
 BROWSER_TIMEOUT = 60
-
-
-def ensure_tool(names: tuple[str, ...], package: str) -> str:
-    """The path of a Debian-packaged tool, installing the package (as root) when it is missing."""
-    def find() -> str | None:
-        return next((p for p in map(shutil.which, names) if p), None)
-
-    path = find()
-    if path:
-        return path
-    why = f"{names[0]} is not installed (Debian package {package!r}: apt-get install -y {package})"
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.fail(f"{why}; not root, so the test cannot install it", pytrace=False)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=INSTALL_TIMEOUT, capture_output=True)
-        done = subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, timeout=INSTALL_TIMEOUT,
-                              capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{why}; apt-get install timed out", pytrace=False)
-    path = find()
-    if not path:
-        pytest.fail(f"{why}; apt-get install failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}", pytrace=False)
-    return path
 
 
 @pytest.fixture(scope="module")
