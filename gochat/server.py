@@ -24,6 +24,7 @@ from collections import Counter
 
 import gevent
 import greenlet
+from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -38,8 +39,9 @@ from gochat.protocol import Decoder, ProtocolError, encode
 
 log = logging.getLogger("gochat.server")
 
-REJECT_HEADROOM = 256  # greenlets beyond max_connections for answering too_many_connections
-REJECT_READ_TIMEOUT = 2.0  # seconds a rejected client gets to show its codec
+REFUSERS = 1024  # refused clients waiting to show their codec at once, at most
+ACCEPT_HEADROOM = 64  # handler greenlets beyond max_connections: a refusal starts in one, then moves out
+REJECT_READ_TIMEOUT = 2.0  # seconds a refused client gets to show its codec
 FD_RESERVE = 100  # descriptors kept for the listener, the admin port, logs and the broker
 DRAIN_POLL = 0.05  # seconds between checks that every client's output is written
 RECONNECT_AFTER_MS = (1000, 5000)
@@ -105,7 +107,10 @@ class Server:
                        jwt_authenticator(config))
         self.connections: set[Connection] = set()
         self.per_ip: Counter[str] = Counter()
-        self.pool = Pool(self.max_connections + REJECT_HEADROOM)
+        # The pools bound the worst case: never more sockets than descriptors (accept() must
+        # not fail with EMFILE); beyond them, new clients wait in the kernel's backlog.
+        self.refusers = Pool(self._refusers_size())
+        self.pool = Pool(min(self.max_connections + ACCEPT_HEADROOM, self._fd_budget() - self.refusers.size))
         self.draining = False
         self.done = Event()
         self._signals = 0
@@ -119,9 +124,16 @@ class Server:
         self.ticker: gevent.Greenlet | None = None
         self._register_gauges()
 
+    def _fd_budget(self) -> int:
+        """Descriptors for client sockets: the soft limit less what the process needs besides."""
+        return max(2, self.nofile[0] - FD_RESERVE)
+
+    def _refusers_size(self) -> int:
+        return max(1, min(REFUSERS, self._fd_budget() // 8))
+
     def _connection_cap(self) -> int:
         soft, hard = self.nofile
-        fits = max(1, soft - FD_RESERVE)
+        fits = max(1, self._fd_budget() - self._refusers_size() - ACCEPT_HEADROOM)
         log.info("open-file limit: soft %d, hard %d", soft, hard)
         wanted = self.config.max_connections
         if wanted == 0:
@@ -224,6 +236,7 @@ class Server:
             if wait > 0:
                 gevent.sleep(wait)
             conn.end_drain()
+        self.refusers.kill(block=False)
         if not self.pool.join(timeout=2.0):
             self.pool.kill(block=True, timeout=1.0)
         self.ticker.kill()
@@ -271,10 +284,30 @@ class Server:
                 raise
 
     def _reject(self, sock: socket.socket, reason: str) -> None:
-        """Answer too_many_connections in the client's own codec, once its first bytes show it."""
+        """Answer too_many_connections in the client's own codec, once its first bytes show it.
+
+        The wait for those bytes runs in a pool of its own, off the accept path: refused
+        clients, even a flood of silent ones, never hold the slots that serve everybody else.
+        When that pool is full too, a client is answered only if its first bytes are
+        already there, else closed at once.
+        """
         metrics.connections_rejected.inc(reason)
+        if self.refusers.full():
+            self._answer_rejected(sock, reason, 0.0)
+            return
+        fd = sock.detach()  # ours now: StreamServer's close after this handler returns is a no-op
+        self.refusers.spawn(self._answer_detached, fd, reason)
+
+    def _answer_detached(self, fd: int, reason: str) -> None:
+        sock = gsocket.socket(fileno=fd)
+        try:
+            self._answer_rejected(sock, reason, REJECT_READ_TIMEOUT)
+        finally:
+            sock.close()
+
+    def _answer_rejected(self, sock: socket.socket, reason: str, wait: float) -> None:
         decoder = Decoder(self.config.max_frame_bytes)
-        sock.settimeout(REJECT_READ_TIMEOUT)
+        sock.settimeout(wait)
         try:
             while decoder.codec is None:
                 data = sock.recv(4096)
