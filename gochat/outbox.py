@@ -108,6 +108,7 @@ class Outbox:
         items = self.items
         data = items[0] if len(items) == 1 else b"".join(items)
         items.clear()
+        self.size = 0
         return data
 
     def clear(self) -> None:

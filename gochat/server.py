@@ -116,10 +116,10 @@ class Server:
         self._signals = 0
         ssl_args = {"certfile": config.tls_cert, "keyfile": config.tls_key} if config.tls_cert else {}
         self.tls = bool(ssl_args)
-        if listener is None and os.environ.get("GOCHAT_REUSE_PORT") == "1":  # a worker of gochat.supervisor
-            listener = listening_socket(config.host, config.port, reuse_port=True)
-        self.stream_server = StreamServer(listener or (config.host, config.port), self._handle,
-                                          spawn=self.pool, **ssl_args)
+        if listener is None:  # our own socket: SOMAXCONN backlog (gevent's default is 128), SO_REUSEPORT for workers
+            listener = listening_socket(config.host, config.port,
+                                        reuse_port=os.environ.get("GOCHAT_REUSE_PORT") == "1")
+        self.stream_server = StreamServer(listener, self._handle, spawn=self.pool, **ssl_args)
         self.admin = None
         self.ticker: gevent.Greenlet | None = None
         self._register_gauges()

@@ -174,3 +174,13 @@ def test_a_dead_worker_is_restarted(start_server, redis_server, chat):
     s.wait_for_log(rf"worker 0 ready \(pid (?!{first['pid']}\))\d+", timeout=15)
     assert s.stats()["workers"][0]["pid"] != first["pid"]
     assert chat(s.port, "after-restart").nick == "after-restart"
+
+
+def test_since_beyond_64_bits_means_nothing_newer(nodes, chat):
+    (node,) = nodes(1)
+    c = chat(node.port, "big-since", room="r")
+    c.send("r", "one")
+    for since in (2**63 - 1, 2**64, 10**30):
+        assert c.history("r", since=since) == []
+        assert c.join("r", since=since)["seq"] == 1
+    assert [m["seq"] for m in c.history("r", limit=10**19)] == [1]

@@ -42,6 +42,7 @@ REFRESHES_PER_TTL = 3  # a claim is refreshed this often within its TTL: one los
 LISTEN_POLL = 1.0  # seconds the listener waits for pub/sub before checking it should stop
 SUBSCRIBE_TIMEOUT = 5.0  # seconds a join waits for Redis to confirm the room's subscription
 ACKS_KEPT = 1024
+MAX_STREAM_SEQ = 2**64 - 2  # stream ids are 64-bit: no seq can be beyond this
 POOL_SIZE = 64  # Redis connections per node; greenlets beyond wait for one
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -220,8 +221,8 @@ class RedisBroker(Broker):
         return self.room_seq(room)[0] if delivered is None else delivered
 
     def history(self, room: str, since: int, limit: int | None, until: int | None = None) -> list[Outgoing]:
-        if until is not None and until <= since:
-            return []
+        if (until is not None and until <= since) or since >= MAX_STREAM_SEQ:
+            return []  # a since beyond any stream id means nothing newer
         entries = self._call(self.redis.xrange, _k("room", room, "log"), min=f"0-{since + 1}",
                              max="+" if until is None else f"0-{until}", count=limit)
         return [_parse_entry(room, fields["m"])[1] for _, fields in entries]
