@@ -109,6 +109,8 @@ class Config:
     max_strikes: int = _setting(50, "rate-limited requests in a row before the connection is closed", 1)
     max_outbound_bytes: int = _setting(1048576, "unsent bytes per connection before slow_consumer", 1024)
     history_size: int = _setting(1000, "messages retained per room (0: none)", 0)
+    max_rooms: int = _setting(100000, "rooms kept in memory; beyond it the least recently used empty room is forgotten "
+                                      "(memory broker; 0: no cap)", 0)
     resume_window: float = _setting(120.0, "seconds a dropped session waits to be resumed (0: offline at once)", 0)
     drain_timeout: float = _setting(10.0, "seconds to flush clients on shutdown", 0)
     drain_spread: float = _setting(0.0, "seconds over which shutdown closes are spread (lame duck; within drain_timeout)", 0)

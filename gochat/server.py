@@ -101,7 +101,7 @@ class Server:
         self.nofile = raise_nofile_limit()
         self.max_connections = self._connection_cap()
         self.broker = brokers.create(config.broker, config.history_size, config.resume_window,
-                                     config.presence_ttl)
+                                     config.presence_ttl, config.max_rooms)
         self.flusher = Flusher()
         self.hub = Hub(self.broker, self.flusher, config.resume_window, config.history_size,
                        jwt_authenticator(config))

@@ -275,3 +275,20 @@ def test_gevent_pool_is_not_the_cap(start_server, raw):
         r.send({"type": "ping"})
     for r in rejected:
         assert r.expect("error")["code"] == "too_many_connections"
+
+
+def test_max_rooms_forgets_the_least_recently_used_empty_room(start_server, chat):
+    s = start_server(max_rooms=3)
+    a = chat(s.port, "roomer")
+    for room in ("r1", "r2", "r3"):
+        a.join(room)
+        a.send(room, f"in {room}")
+        a.leave(room)
+    a.join("r1")  # r1 has a member again: never evicted while it has one
+    a.join("r4")
+    a.send("r4", "in r4")  # a fourth room: r2, the least recently used empty one, goes
+    assert a.history("r2") == []
+    assert [m["text"] for m in a.history("r1")] == ["in r1"]
+    assert [m["text"] for m in a.history("r3")] == ["in r3"]
+    assert a.join("r2")["seq"] == 0  # a new room again, which makes r3 the one to go
+    assert a.history("r3") == []

@@ -138,12 +138,12 @@ class Broker(abc.ABC):
         """Another node took the session: stop keeping its claims alive here, change nothing shared."""
 
 
-def create(url: str, history_size: int, resume_window: float, presence_ttl: float) -> Broker:
+def create(url: str, history_size: int, resume_window: float, presence_ttl: float, max_rooms: int = 0) -> Broker:
     """The broker a ``broker`` setting names."""
     if url == "memory":
         from gochat.broker.memory import MemoryBroker
 
-        return MemoryBroker(history_size)
+        return MemoryBroker(history_size, max_rooms)
     from gochat.broker.redis import RedisBroker
 
     return RedisBroker(url, history_size, resume_window, presence_ttl)

@@ -28,9 +28,10 @@ class RoomLog:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, history_size: int) -> None:
+    def __init__(self, history_size: int, max_rooms: int = 0) -> None:
         self.history_size = history_size
-        self._rooms: dict[str, RoomLog] = {}
+        self.max_rooms = max_rooms
+        self._rooms: dict[str, RoomLog] = {}  # least recently created or posted to first
         self._nicks: dict[str, str] = {}
         self._listener: Listener | None = None
 
@@ -41,7 +42,20 @@ class MemoryBroker(Broker):
         log = self._rooms.get(room)
         if log is None:
             log = self._rooms[room] = RoomLog(self.history_size)
+            if self.max_rooms and len(self._rooms) > self.max_rooms:
+                self._evict_one()
         return log
+
+    def _evict_one(self) -> None:
+        """Forget the least recently used room that has no members, history and seq included.
+
+        Without a cap, a client could grow memory without bound by posting to ever new
+        rooms; a room forgotten this way starts again at seq 1, as a new room.
+        """
+        for name, log in self._rooms.items():
+            if not log.members:
+                del self._rooms[name]
+                return
 
     def _forget_if_unused(self, room: str) -> None:
         """A room with no members and nothing retained is indistinguishable from a new one."""
@@ -57,6 +71,9 @@ class MemoryBroker(Broker):
             del self._nicks[nick_key]
 
     def append(self, room: str, message: dict, session_id: str | None = None) -> Outgoing:
+        log = self._rooms.pop(room, None)
+        if log is not None:
+            self._rooms[room] = log  # most recently used: evicted last
         log = self._log(room)
         log.seq += 1
         message["seq"] = log.seq
