@@ -196,9 +196,9 @@ class Server:
 
     def serve_forever(self) -> int:
         """Run until a signal has drained the server; the exit status (0, or 1 for a second signal)."""
-        self.start()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT):  # first: a signal during start-up still drains
             gevent.signal_handler(signum, self._on_signal, signum)
+        self.start()
         self.done.wait()
         return 0
 
