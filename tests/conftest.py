@@ -18,7 +18,7 @@ import threading
 import urllib.error
 import urllib.request
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from gevent import socket as gsocket
@@ -36,7 +36,8 @@ def free_port() -> int:
 class ServerProcess:
     """One `gochat serve` process; its log lines are collected by a thread for assertions."""
 
-    def __init__(self, args: list[str] | None = None, **settings: Any) -> None:
+    def __init__(self, args: list[str] | None = None, preexec_fn: Callable[[], None] | None = None,
+                 **settings: Any) -> None:
         env = dict(os.environ)
         env.pop("GOCHAT_CONFIG", None)
         for key, value in settings.items():
@@ -45,7 +46,7 @@ class ServerProcess:
         argv = [sys.executable, "-m", "gochat", "serve", "--host", "127.0.0.1", "--port", "0",
                 "--admin-port", str(admin_port), "--log-level", "info", *(args or [])]
         self.proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, preexec_fn=preexec_fn)
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._new_line = threading.Condition()

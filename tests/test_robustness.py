@@ -27,9 +27,7 @@ import resource
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections import Counter
@@ -42,7 +40,7 @@ from gevent import subprocess as gsubprocess
 from gevent.event import Event
 from gevent.pool import Pool
 
-from conftest import START_TIMEOUT, ServerProcess, free_port
+from conftest import START_TIMEOUT, ServerProcess
 from gochat.client import Client
 
 # Every error code of PROTOCOL.md section 6, and those that close the connection.
@@ -1448,27 +1446,10 @@ def test_after_resume_window_the_client_learns_what_it_lost(start_server, chat, 
 
 
 class LimitedServer(ServerProcess):
-    """``gochat serve`` started with a lowered RLIMIT_NOFILE (set in the child before exec).
-
-    conftest's ServerProcess cannot take a preexec_fn, so this is its start, with one."""
+    """``gochat serve`` started with a lowered RLIMIT_NOFILE (set in the child before exec)."""
 
     def __init__(self, nofile: tuple[int, int], args: list[str] | None = None, **settings: Any) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "GOCHAT_CONFIG"}
-        for key, value in settings.items():
-            env["GOCHAT_" + key.upper()] = str(value)
-        argv = [sys.executable, "-m", "gochat", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--admin-port", str(free_port()), "--log-level", "info", *(args or [])]
-        self.proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                     bufsize=1, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._new_line = threading.Condition()
-        self.port = self.admin_port = 0
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(START_TIMEOUT) or not self.port:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines[-30:]))
+        super().__init__(args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile), **settings)
 
 
 @pytest.fixture
