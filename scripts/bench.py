@@ -289,7 +289,11 @@ class Bench:
                                {"offered_deliveries_per_s": offered, "params": dict(fl, duration_s=duration)})
         finally:
             rec_stop = self.stop_server(srv)
-        rec["server_stop"] = rec_stop
+        return self._keep(rec, rec_stop)
+
+    def _keep(self, rec: dict[str, Any], server_stop: Any) -> dict[str, Any]:
+        """Record a finished run: the server's stop, its index, a progress line."""
+        rec["server_stop"] = server_stop
         rec["run_index"] = len(self.runs)
         self.runs.append(rec)
         _progress(rec)
@@ -357,11 +361,7 @@ class Bench:
             })
         finally:
             rec_stop = self.stop_server(srv)
-        rec["server_stop"] = rec_stop
-        rec["run_index"] = len(self.runs)
-        self.runs.append(rec)
-        _progress(rec)
-        return rec
+        return self._keep(rec, rec_stop)
 
     def connect(self, kind: str) -> dict[str, Any]:
         d = self.p["duration_s"]
@@ -374,11 +374,7 @@ class Bench:
                                {"params": {"concurrency": c, "duration_s": d}})
         finally:
             rec_stop = self.stop_server(srv)
-        rec["server_stop"] = rec_stop
-        rec["run_index"] = len(self.runs)
-        self.runs.append(rec)
-        _progress(rec)
-        return rec
+        return self._keep(rec, rec_stop)
 
     # ---- scenarios
 
@@ -477,11 +473,7 @@ class Bench:
                                ("send", p0, p0 + ((j or {}).get("duration_s") or 0)))
         finally:
             rec_stop = self.stop_server(srv)
-        rec["server_stop"] = rec_stop
-        rec["run_index"] = len(self.runs)
-        self.runs.append(rec)
-        _progress(rec)
-        return rec
+        return self._keep(rec, rec_stop)
 
 
 def _last_json(out: bytes, key: str = "mode") -> dict[str, Any] | None:
