@@ -80,6 +80,12 @@ class Session:
     def current_room(self) -> str | None:
         return next(reversed(self.rooms), None)
 
+    def cancel_expiry(self) -> None:
+        """Stop the resume-window timer, if one runs (resumed, ended, moved or shut down)."""
+        if self.expiry is not None:
+            self.expiry.kill(block=False)
+            self.expiry = None
+
     def remember_ack(self, rid: Any, ack: dict) -> None:
         self.acks[rid] = ack
         if len(self.acks) > REMEMBERED_ACKS:
@@ -135,9 +141,7 @@ class Hub:
             session = self._adopt(session_id)
         if not session.resumable:
             raise ProtocolError("bad_session")
-        if session.expiry is not None:
-            session.expiry.kill(block=False)
-            session.expiry = None
+        session.cancel_expiry()
         if session.peer is not None:
             session.peer.takeover()
         session.peer = peer
@@ -170,20 +174,14 @@ class Hub:
         session = self.sessions.pop(session_id, None)
         if session is None:
             return
-        if session.expiry is not None:
-            session.expiry.kill(block=False)
-            session.expiry = None
+        session.cancel_expiry()
         if session.peer is not None:
             session.peer.takeover()
             session.peer = None
         if self.by_nick.get(session.key) is session:
             del self.by_nick[session.key]
         for room in session.rooms:
-            members = self.local_members.get(room)
-            if members is not None and members.get(session.key) is session:
-                del members[session.key]
-                if not members:
-                    del self.local_members[room]
+            self._drop_local_member(session, room)
         self.broker.forget_session(session.id, session.key, session.nick, list(session.rooms))
 
     def _save(self, session: Session) -> None:
@@ -216,24 +214,20 @@ class Hub:
         """``bye`` or an expired resume window: the nick goes offline in every room."""
         if self.sessions.pop(session.id, None) is None:
             return
-        if session.expiry is not None:
-            session.expiry.kill(block=False)
-            session.expiry = None
+        session.cancel_expiry()
         session.peer = None
         self.by_nick.pop(session.key, None)
-        offline = Outgoing({"type": "presence", "nick": session.nick, "status": "offline"})
         for room in list(session.rooms):
             self._remove_member(session, room)
-            self.broker.publish(room, Outgoing({**offline.message, "room": room}), session.key)
+            self.broker.publish(room, Outgoing({"type": "presence", "room": room, "nick": session.nick,
+                                                "status": "offline"}), session.key)
         self.broker.release_nick(session.key, session.id)
         self.broker.drop_session(session.id)
 
     def stop(self) -> None:
         """Cancel the resume timers this hub owns (server shutdown)."""
-        for session in list(self.sessions.values()):
-            if session.expiry is not None:
-                session.expiry.kill(block=False)
-                session.expiry = None
+        for session in self.sessions.values():
+            session.cancel_expiry()
 
     # ------------------------------------------------------------ requests
 
@@ -281,15 +275,18 @@ class Hub:
         session.resume_marks.pop(room, None)
         if session.peer is not None:
             self._unfollow(session.peer, room)
-        members = self.local_members.get(room)
-        if members is not None:
-            members.pop(session.key, None)
-            if not members:
-                del self.local_members[room]
+        self._drop_local_member(session, room)
         if shared:
             self.broker.remove_member(room, session.nick)
         else:
             self.broker.forget_member(room, session.nick)
+
+    def _drop_local_member(self, session: Session, room: str) -> None:
+        members = self.local_members.get(room)
+        if members is not None and members.get(session.key) is session:
+            del members[session.key]
+            if not members:
+                del self.local_members[room]
 
     def post(self, session: Session, room: str, text: str, rid: Any) -> dict:
         """Sequence, retain and fan out a msg; the returned ack is the promise of section 3."""
