@@ -3,8 +3,16 @@
 This is the only code that touches the connection's socket (STYLE.md rule 4). The handler
 greenlet that ``StreamServer`` spawns for the connection (Go's ``go handleConn(conn)``) is
 the reader. Heartbeats and timeouts are checked by the server's ticker through
-:meth:`Connection.check_deadlines` (no timer per blocked read), so an idle connection costs
-exactly one greenlet.
+:meth:`Connection.check_deadlines` (no timer per blocked read).
+
+Parking: when a plain-TCP connection has nothing left to read, its reader greenlet ends and
+the connection waits on a bare libev read watcher; the next byte (or a shutdown by the
+ticker, a takeover or the drain) starts a new reader greenlet from the server's pool. This
+is what Go's runtime does for a goroutine blocked in ``conn.Read`` (parked on the
+netpoller), made explicit because a greenlet blocked in ``recv`` costs ~8.5 KiB of saved C
+stack, frame page and greenlet object, where the watcher costs ~120 bytes: an idle
+connection holds no greenlet at all (docs/performance.md, idle). TLS connections do not
+park (a TLS record may be half read inside the SSL object, invisible to the watcher).
 
 Why not the Go way (a writer goroutine per client draining a channel)? In gevent a second
 greenlet per connection doubles the idle cost and adds a switch per delivery. Instead
@@ -168,16 +176,20 @@ class Flusher:
 class Connection:
     # Slots: an idle connection's own state is a few hundred bytes (the performance issue
     # measures memory per connection).
-    __slots__ = ("config", "hub", "flusher", "sock", "address", "opened", "state", "codec", "session",
-                 "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "pings_sent", "heartbeat",
-                 "outbox", "_flush_scheduled", "_writer", "_greenlet", "_send_nowait")
+    __slots__ = ("config", "hub", "flusher", "spawn", "on_closed", "sock", "address", "opened", "state", "codec",
+                 "session", "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "pings_sent",
+                 "heartbeat", "outbox", "_flush_scheduled", "_writer", "_greenlet", "_send_nowait", "_recv_nowait",
+                 "_parking")
 
-    def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub,
-                 flusher: Flusher, tls: bool = False) -> None:
+    def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub, flusher: Flusher,
+                 spawn: Callable[[Callable[[], None]], Greenlet], on_closed: Callable[["Connection"], None],
+                 tls: bool = False) -> None:
         # shared server state
         self.config = config
         self.hub = hub
         self.flusher = flusher
+        self.spawn = spawn  # starts a reader greenlet for a parked connection (the server's pool)
+        self.on_closed = on_closed  # tells the server this connection is gone
         # per-connection state, owned by this object
         self.sock = sock
         self.address = address
@@ -196,10 +208,13 @@ class Connection:
         self.outbox = Outbox(None)
         self._flush_scheduled = False
         self._writer: Greenlet | None = None
-        self._greenlet: Greenlet | None = None  # the reader: the handler StreamServer spawned
+        self._greenlet: Greenlet | None = None  # the reader while one runs; None while parked
         # A plain TCP socket can be written without blocking from the flusher; TLS cannot
         # (a record may need a read), so TLS output always goes through the writer greenlet.
         self._send_nowait: Callable[[bytes], int] | None = None if tls else sock._sock.send
+        # ...and read without blocking, which is what lets the reader park (TLS never does).
+        self._recv_nowait: Callable[[int], bytes] | None = None if tls else sock._sock.recv
+        self._parking: Any = None  # the read watcher a parked connection waits on, made at the first park
 
     # ------------------------------------------------------------ state
 
@@ -217,43 +232,68 @@ class Connection:
     # ------------------------------------------------------------ reading (the handler greenlet)
 
     def run(self) -> None:
-        """The connection's whole life, in the greenlet StreamServer spawned for it.
+        """One stretch of the connection's life in a reader greenlet: until it parks or closes.
 
-        An unexpected exception closes this connection only and is logged with its
-        traceback: Go's ``defer recover()`` in ``handleConn``.
+        The first stretch runs in the greenlet StreamServer spawned for the connection, later
+        ones in greenlets started when a parked connection becomes readable. An unexpected
+        exception closes this connection only and is logged with its traceback: Go's
+        ``defer recover()`` in ``handleConn``.
         """
         self._greenlet = gevent.getcurrent()
+        parked = False
         try:
-            self._read_loop()
+            parked = self._read_loop()
         except Exception:
             metrics.handler_exceptions.inc()
             log.exception("handler failed for %s:%s (nick %s)", *self.address[:2], self.nick)
             self.close_reason = self.close_reason or CloseReason.HANDLER_EXCEPTION
         finally:
-            self._finish()
+            self._greenlet = None
+            if not parked:
+                self._finish()
 
-    def _read_loop(self) -> None:
+    def _read_loop(self) -> bool:
+        """Read and serve until the connection closes (False) or parks with nothing to read (True)."""
         # No timeout on the wait: the server's ticker (check_deadlines) pings and closes, so
-        # a blocked read costs no timer and an idle connection only its greenlet.
-        recv = self.sock.recv
+        # a wait costs no timer.
+        recv, recv_nowait = self.sock.recv, self._recv_nowait
         while self.close_reason is None:
             try:
-                # recv sizes its result to what arrived, so an idle connection holds no
-                # read buffer at all (a pooled 64 KiB buffer held across the wait would
-                # cost more than the whole connection should).
-                data = recv(RECV_BYTES)
+                # recv sizes its result to what arrived: no read buffer is held between
+                # reads (a pooled 64 KiB buffer would cost more than the whole connection).
+                if recv_nowait is None:
+                    data = recv(RECV_BYTES)
+                else:
+                    try:
+                        data = recv_nowait(RECV_BYTES)
+                    except BlockingIOError:
+                        self._park()
+                        return True
             except OSError as exc:
                 reset = exc.errno in (errno.ECONNRESET, errno.EPIPE)
                 self.close_reason = self.close_reason or (CloseReason.PEER_RESET if reset else CloseReason.IO_ERROR)
-                return
+                return False
             if not data:
                 self.close_reason = self.close_reason or CloseReason.PEER_CLOSED
-                return
+                return False
             metrics.bytes_in.inc(len(data))
             self.last_recv = time.monotonic()
             self.pings_unanswered = 0
             self.decoder.receive_data(data)
             self._process_input()
+        return False
+
+    def _park(self) -> None:
+        """Give the greenlet back; the read watcher starts a new one when the socket is readable."""
+        watcher = self._parking
+        if watcher is None:
+            watcher = self._parking = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        watcher.start(self._unpark)
+
+    def _unpark(self) -> None:
+        """The read watcher's callback, in the hub: bytes, EOF or a shutdown arrived."""
+        self._parking.stop()
+        self.spawn(self.run)
 
     def _next_deadline(self) -> float:
         cfg = self.config
@@ -573,6 +613,11 @@ class Connection:
             self.send({"type": "shutdown", "reason": "server shutting down", "reconnect_after": reconnect_after_ms})
 
     @property
+    def parked(self) -> bool:
+        """Waiting for input with no greenlet (see the module docstring)."""
+        return self._parking is not None and self._parking.active
+
+    @property
     def flushed(self) -> bool:
         return not self.outbox and self._writer is None
 
@@ -587,29 +632,39 @@ class Connection:
             pass
 
     def _finish(self) -> None:
-        """Hand the session back to the hub, write what is owed, then shut the socket down."""
+        """Hand the session back to the hub, write what is owed, then shut the socket down.
+
+        Whatever fails on the way (or kills this greenlet), the socket is closed and the
+        server forgets the connection: nothing else would ever close it.
+        """
         reason = self.close_reason or CloseReason.PEER_CLOSED
         session, self.session = self.session, None
-        if session is not None:
-            try:
-                if reason is CloseReason.BYE:
-                    self.hub.end(session)
-                else:
-                    self.hub.detach(session, self)
-            except BrokerUnavailable:
-                log.warning("broker unavailable while closing %s's connection; its claims expire on their own",
-                            session.nick)
-        if reason not in NO_FLUSH_REASONS:
-            self._flush_before_close()
-        if self._writer is not None:
-            self._writer.kill(block=True)
-        self.outbox.clear()
-        self.state = State.CLOSED
-        if reason in ERROR_CLOSE_REASONS.values():
-            self._linger()
-        elif reason is CloseReason.SHUTDOWN:
-            self._abort_socket()  # section 6: SHUT_RDWR, then close
-        self.sock.close()
+        try:
+            if session is not None:
+                try:
+                    if reason is CloseReason.BYE:
+                        self.hub.end(session)
+                    else:
+                        self.hub.detach(session, self)
+                except BrokerUnavailable:
+                    log.warning("broker unavailable while closing %s's connection; its claims expire on their own",
+                                session.nick)
+            if reason not in NO_FLUSH_REASONS:
+                self._flush_before_close()
+            if self._writer is not None:
+                self._writer.kill(block=True)
+            self.outbox.clear()
+            self.state = State.CLOSED
+            if reason in ERROR_CLOSE_REASONS.values():
+                self._linger()
+            elif reason is CloseReason.SHUTDOWN:
+                self._abort_socket()  # section 6: SHUT_RDWR, then close
+        finally:
+            self.state = State.CLOSED
+            if self._parking is not None:
+                self._parking.close()
+            self.sock.close()
+            self.on_closed(self)
         metrics.connections_closed.inc(reason.value)
         log.info("close %s:%s nick=%s reason=%s duration=%.1fs", self.address[0], self.address[1],
                  session.nick if session else "-", reason.value, time.monotonic() - self.opened)

@@ -7,7 +7,9 @@ section 6), a second one exits at once with status 1. Signal handlers only spawn
 ``StreamServer`` spawns one greenlet per accepted connection into a ``gevent.pool.Pool``:
 Go's ``go handleConn(conn)`` under a semaphore. The caps themselves are checked here, not by
 the pool: a full pool would stop accepting and leave clients hanging in the kernel backlog,
-where PROTOCOL.md wants them told ``too_many_connections``.
+where PROTOCOL.md wants them told ``too_many_connections``. A connection with nothing to
+read parks (conn.py): its greenlet ends and a later one, from the same pool, picks it up,
+so the pool counts the connections being served at this moment, ``connections`` all of them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from typing import Callable
 
 import gevent
 import greenlet
@@ -39,7 +42,7 @@ from gochat.protocol import Decoder, ProtocolError, encode
 
 log = logging.getLogger("gochat.server")
 
-REFUSERS = 1024  # refused clients waiting to show their codec at once, at most
+REFUSERS = 512  # refused clients waiting to show their codec at once, at most (19,300 clients fit 20,000 fds)
 ACCEPT_HEADROOM = 64  # handler greenlets beyond max_connections: a refusal starts in one, then moves out
 REJECT_READ_TIMEOUT = 2.0  # seconds a refused client gets to show its codec
 FD_RESERVE = 100  # descriptors kept for the listener, the admin port, logs and the broker
@@ -58,6 +61,24 @@ def raise_nofile_limit() -> tuple[int, int]:
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
     return soft, hard
+
+
+class Acceptor(StreamServer):
+    """gevent's StreamServer, except that a socket handed over to a parked connection stays open.
+
+    StreamServer closes each accepted socket when the handler greenlet it spawned returns;
+    a parked connection outlives that greenlet and closes its socket itself. The handler
+    names the socket it handed over just before returning, and this close, which runs in
+    the same greenlet right after it with no switch in between, skips that one.
+    """
+
+    handed_over: socket.socket | None = None
+
+    def do_close(self, sock: socket.socket, *args: object) -> None:
+        if sock is self.handed_over:
+            self.handed_over = None
+            return
+        sock.close()
 
 
 def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -119,7 +140,11 @@ class Server:
         if listener is None:  # our own socket: SOMAXCONN backlog (gevent's default is 128), SO_REUSEPORT for workers
             listener = listening_socket(config.host, config.port,
                                         reuse_port=os.environ.get("GOCHAT_REUSE_PORT") == "1")
-        self.stream_server = StreamServer(listener, self._handle, spawn=self.pool, **ssl_args)
+        self.stream_server = Acceptor(listener, self._handle, spawn=self.pool, **ssl_args)
+        # Accepted sockets not yet counted in `connections` are at most one accept batch:
+        # the pool's headroom covers them, so a parked connection's reader always finds room.
+        self.stream_server.max_accept = ACCEPT_HEADROOM
+        self._all_closed = Event()
         self.admin = None
         self.ticker: gevent.Greenlet | None = None
         self._register_gauges()
@@ -237,7 +262,7 @@ class Server:
                 gevent.sleep(wait)
             conn.end_drain()
         self.refusers.kill(block=False)
-        if not self.pool.join(timeout=2.0):
+        if self.connections and not self._all_closed.wait(timeout=2.0):
             self.pool.kill(block=True, timeout=1.0)
         self.ticker.kill()
         self.hub.stop()
@@ -263,16 +288,33 @@ class Server:
             self._reject(sock, "max_conns_per_ip")
             return
         self._tune(sock)
-        conn = Connection(sock, address, self.config, self.hub, self.flusher, tls=self.tls)
+        conn = Connection(sock, address, self.config, self.hub, self.flusher, self._spawn_reader, self._forget,
+                          tls=self.tls)
         self.connections.add(conn)
         self.per_ip[ip] += 1
-        try:
-            conn.run()
-        finally:
-            self.connections.discard(conn)
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
+        conn.run()
+        if conn.parked:
+            self.stream_server.handed_over = sock
+
+    def _spawn_reader(self, run: Callable[[], None]) -> gevent.Greenlet:
+        """A reader greenlet for a parked connection that became readable (called in the hub).
+
+        The pool's sizing leaves room for one reader per connection; were it ever full, the
+        reader starts outside it rather than block the hub.
+        """
+        if self.pool.full():
+            return gevent.spawn(run)
+        return self.pool.spawn(run)
+
+    def _forget(self, conn: Connection) -> None:
+        """A connection has closed: it no longer counts against the caps."""
+        self.connections.discard(conn)
+        ip = conn.address[0]
+        self.per_ip[ip] -= 1
+        if not self.per_ip[ip]:
+            del self.per_ip[ip]
+        if self.draining and not self.connections:
+            self._all_closed.set()
 
     @staticmethod
     def _tune(sock: socket.socket) -> None:
@@ -344,6 +386,7 @@ class Server:
             "rooms": len(self.broker.rooms()),
             "greenlets": count_greenlets(),
             "handler_greenlets": len(self.pool),
+            "parked_connections": sum(1 for c in self.connections if c.parked),
             "open_files": count_open_files(),
             "heartbeat_profiles": dict(Counter(c.heartbeat.profile for c in self.connections if c.session)),
             "rss_bytes": rss_bytes(),

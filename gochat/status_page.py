@@ -273,6 +273,7 @@ function render(s, ready, metricsText) {
   set("rooms", fmtInt(stat(s, "rooms")));
   set("greenlets", fmtInt(stat(s, "greenlets")));
   set("handler-greenlets", fmtInt(stat(s, "handler_greenlets")));
+  set("parked", fmtInt(stat(s, "parked_connections")));
   const files = stat(s, "open_files"), filesLimit = stat(s, "open_files_limit");
   set("open-files", fmtInt(files));
   set("open-files-limit", fmtInt(filesLimit));
@@ -379,7 +380,7 @@ BODY = """<header>
       <div class="sub">with members</div></div>
     <div class="card"><h2>Greenlets</h2>
       <div class="big" id="greenlets">–</div>
-      <div class="sub"><span id="handler-greenlets">–</span> connection handlers</div></div>
+      <div class="sub"><span id="handler-greenlets">–</span> reading, <span id="parked">–</span> connections parked</div></div>
     <div class="card"><h2>Messages in</h2>
       <div class="big"><span id="msg-rate">–</span> <small>/s</small></div>
       <div class="sub"><span id="msg-total">–</span> since start</div></div>

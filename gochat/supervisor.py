@@ -188,7 +188,8 @@ class Supervisor:
 
             per_worker = [json.loads(_fetch(w.url("/stats"))[1] or b"{}") for w in self.workers]
             totals = {key: sum(s.get(key, 0) for s in per_worker)
-                      for key in ("connections", "sessions", "greenlets", "messages_in", "deliveries", "open_files")}
+                      for key in ("connections", "sessions", "greenlets", "handler_greenlets", "parked_connections",
+                                  "messages_in", "deliveries", "open_files")}
             totals.update(rooms=max((s.get("rooms", 0) for s in per_worker), default=0),
                           uptime_s=max((s.get("uptime_s", 0) for s in per_worker), default=0), workers=per_worker)
             return _respond(start_response, "200 OK", json.dumps(totals).encode())
