@@ -9,8 +9,11 @@ import (
 // Connect: -concurrency workers loop for -duration. One iteration:
 //
 //	gochat: connect, hello with a unique nick (c<tag>-<worker>-<n>), wait
-//	        for welcome; then (with -bye, the default) send bye and wait
-//	        for the server to close, so no session lingers for resume.
+//	        for welcome; then (with -bye, the default) send bye, so no
+//	        session lingers for resume, and close: the client closes first,
+//	        as the raw client does. With -bye-wait it reads until the
+//	        server has closed instead, which leaves the server the active
+//	        close (its side of the connection then sits in TIME_WAIT).
 //	raw:    connect, write one line, read until that line comes back (the
 //	        broadcaster echoes to the sender), close.
 //
@@ -88,6 +91,9 @@ func connectOnce(cfg *config, d *dialer, w, n int, done func()) error {
 			c.nc.SetDeadline(time.Now().Add(cfg.timeout))
 			if err := c.send([]byte(`{"type":"bye"}` + "\n")); err != nil {
 				return err
+			}
+			if !cfg.byeWait {
+				return nil
 			}
 			// Read to EOF: the server flushes what it owes, then closes.
 			for {

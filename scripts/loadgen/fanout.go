@@ -568,25 +568,29 @@ func (f *fanout) receive(r *receiver) {
 		}
 		text := line
 		if gochat {
-			if ev.parse(line) != nil {
-				r.errs["bad_json_from_server"]++
-				continue
+			t, ok := msgText(line) // the fast path: nearly every line is a msg
+			if !ok {
+				if ev.parse(line) != nil {
+					r.errs["bad_json_from_server"]++
+					continue
+				}
+				switch string(ev.typ) {
+				case "msg":
+					t = ev.text
+				case "ping":
+					r.c.pong(ev.ts)
+					continue
+				case "error":
+					r.errs[string(ev.code)]++
+					continue
+				case "shutdown":
+					r.errs["shutdown"]++
+					continue
+				default:
+					continue
+				}
 			}
-			switch string(ev.typ) {
-			case "msg":
-				text = ev.text
-			case "ping":
-				r.c.pong(ev.ts)
-				continue
-			case "error":
-				r.errs[string(ev.code)]++
-				continue
-			case "shutdown":
-				r.errs["shutdown"]++
-				continue
-			default:
-				continue
-			}
+			text = t
 		} else if len(line) > 0 && line[0] == '#' {
 			r.synced.Store(true)
 			continue

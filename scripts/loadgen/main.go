@@ -19,6 +19,7 @@ import (
 	"math"
 	"math/rand"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,15 +47,16 @@ func (s *seconds) Set(v string) error {
 }
 
 type config struct {
-	mode    string
-	addr    string
-	proto   string
-	room    string
-	nickTag string
-	srcs    int
-	timeout time.Duration
-	dialPar int
-	readBuf int
+	mode       string
+	cpuProfile string
+	addr       string
+	proto      string
+	room       string
+	nickTag    string
+	srcs       int
+	timeout    time.Duration
+	dialPar    int
+	readBuf    int
 
 	// fanout
 	members  int
@@ -73,6 +75,7 @@ type config struct {
 	// connect
 	concurrency int
 	bye         bool
+	byeWait     bool
 }
 
 const (
@@ -110,6 +113,8 @@ func parseFlags() *config {
 
 	flag.IntVar(&c.concurrency, "concurrency", 8, "connect: workers")
 	flag.BoolVar(&c.bye, "bye", true, "gochat: send bye before closing (frees the session at once instead of after resume_window)")
+	flag.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the generator here (go tool pprof)")
+	flag.BoolVar(&c.byeWait, "bye-wait", false, "connect, gochat: after bye, read until the server closes (the server then closes first)")
 	flag.Parse()
 
 	c.duration, c.drain, c.hold, c.timeout = duration.d, drain.d, hold.d, timeout.d
@@ -144,6 +149,15 @@ func parseFlags() *config {
 func main() {
 	cfg := parseFlags()
 	raiseFileLimit()
+	if cfg.cpuProfile != "" {
+		f, err := os.Create(cfg.cpuProfile)
+		if err != nil {
+			fatalf("cpuprofile: %v", err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fatalf("cpuprofile: %v", err)
+		}
+	}
 	start := time.Now()
 
 	var res map[string]any
@@ -156,6 +170,9 @@ func main() {
 		res = runConnect(cfg)
 	default:
 		fatalf("unknown -mode %q", cfg.mode)
+	}
+	if cfg.cpuProfile != "" {
+		pprof.StopCPUProfile()
 	}
 	res["mode"] = cfg.mode
 	res["proto"] = cfg.proto

@@ -226,6 +226,34 @@ func (ev *event) parse(line []byte) error {
 	})
 }
 
+// msgText returns the unquoted text of a gochat msg as the server encodes it
+// ("type" first, "text" a top-level member after it), and false for any
+// other line, which the caller then parses in full. Members read nothing
+// else of a msg, and walking every member of every delivered line was ~40%
+// of the generator's CPU at 2 M deliveries/s: the generator, not the server,
+// set the pace. Inside a JSON string every quote is escaped, so the first
+// `,"text":"` of a flat object can only be that member's key.
+func msgText(line []byte) ([]byte, bool) {
+	if !bytes.HasPrefix(line, msgPrefix) {
+		return nil, false
+	}
+	i := bytes.Index(line, textKey)
+	if i < 0 {
+		return nil, false
+	}
+	start := i + len(textKey) - 1 // the value's opening quote
+	end := endOfString(line, start)
+	if end < 0 {
+		return nil, false
+	}
+	return unquote(line[start:end])
+}
+
+var (
+	msgPrefix = []byte(`{"type":"msg",`)
+	textKey   = []byte(`,"text":"`)
+)
+
 var errNotObject = errors.New("not a JSON object")
 
 // walkObject calls fn(key, value) for each top-level member of the JSON

@@ -90,3 +90,31 @@ func TestSeqTrack(t *testing.T) {
 		}
 	}
 }
+
+func TestMsgText(t *testing.T) {
+	cases := []struct {
+		line, text string
+		ok         bool
+	}{
+		{`{"type":"msg","room":"r","from":"s1","text":"s1 2 3 xxx","seq":7,"ts":1,"id":2}`, "s1 2 3 xxx", true},
+		{`{"type":"msg","room":"r","from":"a\",\"text\":\"no","text":"yes","seq":1}`, "yes", true},
+		{`{"type":"msg","room":"r","text":"tab\there","seq":1}`, "tab\there", true},
+		{`{"type":"ack","id":2,"seq":7}`, "", false},
+		{`{"type":"presence","room":"r","nick":"n","status":"online"}`, "", false},
+		{`{"room":"r","type":"msg","text":"key order differs"}`, "", false},
+		{`{"type":"msg","room":"r","text":"unterminated`, "", false},
+	}
+	for _, c := range cases {
+		got, ok := msgText([]byte(c.line))
+		if ok != c.ok || (ok && string(got) != c.text) {
+			t.Errorf("%s: got %q %v", c.line, got, ok)
+		}
+		if !c.ok {
+			continue
+		}
+		var ev event // the full parse agrees
+		if err := ev.parse([]byte(c.line)); err != nil || string(ev.text) != c.text {
+			t.Errorf("%s: full parse %q %v", c.line, ev.text, err)
+		}
+	}
+}
