@@ -32,10 +32,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(config: Config) -> None:
-    # Under gevent every greenlet would otherwise get a dummy Thread object per log record.
+    # Under gevent every greenlet would otherwise get a dummy Thread object per log record;
+    # no format here prints the caller, so no stack walk per record either (the logging
+    # HOWTO's "Optimization"): the close line of every connection is on the connect path.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(JsonFormatter())

@@ -688,6 +688,8 @@ class Connection:
             pass
 
     def _flush_before_close(self) -> None:
+        if self.flushed:  # the usual case: no timer for nothing to write
+            return
         with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
             if self._writer is not None:
                 self._writer.join()
