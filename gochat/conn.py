@@ -77,6 +77,10 @@ CLOSE_FLUSH_TIMEOUT = 2.0  # seconds a closing connection may take to write what
 LINGER_TIMEOUT = 1.0  # seconds, and bytes, a connection closed for an error reads on after FIN
 LINGER_MAX_BYTES = 1 << 20
 TEXT_LOBBY = "lobby"
+# Requests a reader serves before it lets every other greenlet and the flusher run once
+# (Go's scheduler preempts a busy goroutine; a greenlet must yield): without it, a client
+# that sends faster than the server can serve -- pongs take no token -- holds the loop.
+FAIR_SHARE = 64
 RATE_EXEMPT = ("pong", "bye")  # section 6: every request but these takes a token
 # Tests prove that a failing handler closes only its own connection: with this set in the
 # server's environment, a request of type "test_fault" raises inside the handler.
@@ -179,7 +183,7 @@ class Connection:
     __slots__ = ("config", "hub", "flusher", "spawn", "on_closed", "sock", "address", "opened", "state", "codec",
                  "session", "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "pings_sent",
                  "heartbeat", "outbox", "_flush_scheduled", "_writer", "_greenlet", "_send_nowait", "_recv_nowait",
-                 "_parking")
+                 "_parking", "_served")
 
     def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub, flusher: Flusher,
                  spawn: Callable[[Callable[[], None]], Greenlet], on_closed: Callable[["Connection"], None],
@@ -215,6 +219,7 @@ class Connection:
         # ...and read without blocking, which is what lets the reader park (TLS never does).
         self._recv_nowait: Callable[[int], bytes] | None = None if tls else sock._sock.recv
         self._parking: Any = None  # the read watcher a parked connection waits on, made at the first park
+        self._served = 0  # requests served since this reader last let the others run (FAIR_SHARE)
 
     # ------------------------------------------------------------ state
 
@@ -285,6 +290,7 @@ class Connection:
 
     def _park(self) -> None:
         """Give the greenlet back; the read watcher starts a new one when the socket is readable."""
+        self._served = 0
         watcher = self._parking
         if watcher is None:
             watcher = self._parking = gevent.get_hub().loop.io(self.sock.fileno(), 1)
@@ -329,6 +335,10 @@ class Connection:
     def _process_input(self) -> None:
         decoder = self.decoder
         while self.close_reason is None:
+            self._served += 1
+            if self._served > FAIR_SHARE:
+                self._served = 0
+                gevent.sleep(0)  # everyone else's turn (and the flusher's), then on with this input
             try:
                 event = decoder.next_event()
             except ProtocolError as exc:

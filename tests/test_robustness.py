@@ -1215,6 +1215,38 @@ def test_message_floods_are_rate_limited_then_disconnected(start_server, chat, p
     no_tracebacks(s)
 
 
+# A client that sends as fast as it can, in a process of its own so that it can outpace
+# the server: hello, then MB megabytes of one request over and over, then close.
+FLOOD_PROGRAM = r"""
+import socket, sys
+port, mb, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3].encode() + b"\n"
+sock = socket.create_connection(("127.0.0.1", port))
+sock.sendall(b'{"type":"hello","nick":"' + sys.argv[4].encode() + b'"}\n')
+sock.recv(4096)
+chunk, sent = line * (65536 // len(line)), 0
+while sent < mb * 1e6:
+    sock.sendall(chunk)
+    sent += len(chunk)
+sock.close()
+"""
+
+
+def test_a_client_faster_than_the_server_does_not_stall_the_others(start_server, pair):
+    """Pongs take no token and ask for no reply, so a client can send them faster than they
+    are served, for as long as it likes. The reader yields every FAIR_SHARE requests
+    (conn.py); before that, one 60 MB pong flood held every other client for 10 s."""
+    s = start_server()
+    healthy = pair(s.port, room="calm")
+    nicks = ["flood-a", "flood-b"]
+    procs = [gsubprocess.Popen([sys.executable, "-c", FLOOD_PROGRAM, str(s.port), "8", '{"type":"pong","ts":1}', nick])
+             for nick in nicks]
+    healthy.start(40, pause=0.05)
+    healthy.check(limit=0.5)
+    for proc, nick in zip(procs, nicks):
+        assert proc.wait(timeout=60) == 0
+        s.wait_for_log(f"nick={nick} reason=peer_closed", timeout=60)  # every byte served, then EOF
+
+
 # ---------------------------------------------------------------- handler faults
 
 
