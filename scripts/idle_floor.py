@@ -2,10 +2,11 @@
 
     python scripts/idle_floor.py [N]
 
-Blocks N greenlets in ``recv`` on socketpairs (each what an idle gochat connection's
-handler does) and reports the RSS growth per greenlet, beside a raw greenlet and a bare
-libev watcher (no greenlet at all). The difference between a blocked greenlet and gochat's
-per-connection figure in docs/performance.md is everything else a connection holds.
+Blocks N greenlets in ``recv`` on socketpairs (what an idle connection's handler greenlet
+costs while it waits) and reports the RSS growth per greenlet, beside a raw greenlet and a
+bare libev watcher (no greenlet at all: what a parked gochat connection waits on instead,
+conn.py). ``scripts/idle_breakdown.py`` shows, line by line, everything else a parked
+connection holds.
 """
 from __future__ import annotations
 
