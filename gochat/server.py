@@ -13,7 +13,6 @@ so the pool counts the connections being served at this moment, ``connections`` 
 """
 from __future__ import annotations
 
-import errno
 import gc
 import logging
 import os
@@ -79,6 +78,14 @@ class Acceptor(StreamServer):
             self.handed_over = None
             return
         sock.close()
+
+
+def set_accepted_socket_options(listener: socket.socket) -> None:
+    """TCP_NODELAY (no Nagle + delayed-ACK stalls) and SO_KEEPALIVE (finds dead text-mode
+    peers) for every client socket, set once on the listener: Linux copies both to each
+    accepted socket, which saves two syscalls per connection on the connect path."""
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -155,6 +162,7 @@ class Server:
         if listener is None:  # our own socket: SOMAXCONN backlog (gevent's default is 128), SO_REUSEPORT for workers
             listener = listening_socket(config.host, config.port,
                                         reuse_port=os.environ.get("GOCHAT_REUSE_PORT") == "1")
+        set_accepted_socket_options(listener)
         self.stream_server = Acceptor(listener, self._handle, spawn=self.pool, **ssl_args)
         # Accepted sockets not yet counted in `connections` are at most one accept batch:
         # the pool's headroom covers them, so a parked connection's reader always finds room.
@@ -303,7 +311,6 @@ class Server:
         if cap_ip and self.per_ip[ip] >= cap_ip:
             self._reject(sock, "max_conns_per_ip")
             return
-        self._tune(sock)
         conn = Connection(sock, address, self.config, self.hub, self.flusher, self._spawn_reader, self._forget,
                           tls=self.tls)
         self.connections.add(conn)
@@ -331,15 +338,6 @@ class Server:
             del self.per_ip[ip]
         if self.draining and not self.connections:
             self._all_closed.set()
-
-    @staticmethod
-    def _tune(sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle + delayed-ACK stalls
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # finds dead text-mode peers
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOTCONN, errno.ECONNRESET):
-                raise
 
     def _reject(self, sock: socket.socket, reason: str) -> None:
         """Answer too_many_connections in the client's own codec, once its first bytes show it.

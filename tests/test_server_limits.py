@@ -292,3 +292,19 @@ def test_max_rooms_forgets_the_least_recently_used_empty_room(start_server, chat
     assert [m["text"] for m in a.history("r3")] == ["in r3"]
     assert a.join("r2")["seq"] == 0  # a new room again, which makes r3 the one to go
     assert a.history("r3") == []
+
+
+def test_client_sockets_get_nodelay_and_keepalive_from_the_listener():
+    """Set once on the listener (server.py): the kernel must copy both to accepted sockets."""
+    from gochat.server import listening_socket, set_accepted_socket_options
+
+    listener = listening_socket("127.0.0.1", 0)
+    set_accepted_socket_options(listener)
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        for s in (accepted, client, listener):
+            s.close()
