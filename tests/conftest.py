@@ -5,6 +5,8 @@ from that line, so the chat port is 0 (the kernel picks) and nothing races for i
 """
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -21,6 +23,10 @@ import zlib
 from typing import Any, Callable, Iterator
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from gevent import socket as gsocket
 
 LISTENING = re.compile(r"gochat listening on ([\d.]+):(\d+) \(admin (?:[\d.]+:(\d+)|off)")
@@ -300,3 +306,22 @@ def chat() -> Iterator:
     yield connect
     for client in opened:
         client.close()
+
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1: (cert file, key file), for the TLS tests."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)

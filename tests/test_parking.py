@@ -11,8 +11,6 @@ import ssl
 
 from gochat.client import Client
 
-from test_tls import certificate  # noqa: F401  (a fixture)
-
 N = 60
 
 
@@ -76,7 +74,7 @@ def test_the_drain_ends_parked_connections(start_server, chat):
     assert sum("reason=shutdown" in line for line in s.lines) == 10
 
 
-def test_tls_connections_do_not_park(start_server, certificate):  # noqa: F811
+def test_tls_connections_do_not_park(start_server, certificate):
     cert, key = certificate
     s = start_server(tls_cert=cert, tls_key=key)
     context = ssl.create_default_context(cafile=cert)
