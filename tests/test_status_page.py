@@ -213,8 +213,12 @@ def test_page_renders_live_numbers(start_server, chromium, tmp_path):
     assert number(t["open-files-limit"]) == stats["open_files_limit"]
     assert number(t["awaiting"]) == 0
     assert 0 < number(t["open-files"]) <= stats["open_files_limit"]
-    # six idle connections: parked, so no handler greenlet is reading for any of them
-    assert number(t["greenlets"]) >= 1 and number(t["handler-greenlets"]) == 0 and number(t["parked"]) == 6
+    # Each of the six connections is either parked or has a reader greenlet in the pool, and
+    # the page shows both from one /stats sample. Which ones are reading at that instant
+    # depends on where the senders' messages are, so only the sum is certain (a reader that
+    # has just parked stays in the pool until the hub unlinks it: the sum may exceed six).
+    assert number(t["greenlets"]) >= 1
+    assert number(t["parked"]) <= 6 and number(t["parked"]) + number(t["handler-greenlets"]) >= 6
     assert t["rss"].endswith("MiB") and 5 < number(t["rss"]) < 2048
     assert t["rss-per-conn"] == "whole process"  # per connection only from 100 connections on
     # cumulative counters: what the page read lies between zero and what /stats says now
