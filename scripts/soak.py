@@ -17,7 +17,7 @@ messages/s per sender; readers and senders resume when dropped). Then:
    after, open files and greenlets before / after (from /stats, sampled every second), and
    the messages lost (acked but never delivered to a reader: must be 0).
 
-The attacks use their own source addresses (127.0.1.x ... 127.0.7.x; the connection flood
+The attacks use their own source addresses (127.0.1.x ... 127.0.8.x; the connection flood
 127.0.0.50) so that max_conns_per_ip only bites where it is the point. Every process this
 script starts is stopped by its PID on exit (and dies with it: PR_SET_PDEATHSIG). The exit
 status is 1 if a message was lost or the server failed a check, else 0.
@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from soaklib import SETTINGS  # noqa: E402
 ATTACK_ORDER = ["slowloris", "garbage", "slow_consumers", "churn", "connection_flood", "message_flood",
-                "handler_faults", "resume_storm"]
-TOGETHER_SCALE = 0.5  # every attack at once, at half its waves: 2 CPUs run the server and 9 load processes
+                "pong_flood", "handler_faults", "resume_storm"]
+TOGETHER_SCALE = 0.5  # every attack at once, at half its waves: 2 CPUs run the server and 10 load processes
 SETTLE_TIMEOUT = 30.0  # resume_window + idle_timeout + lingering closes, with room to spare
 
 

@@ -1217,6 +1217,7 @@ def test_message_floods_are_rate_limited_then_disconnected(start_server, chat, p
 
 # A client that sends as fast as it can, in a process of its own so that it can outpace
 # the server: hello, then MB megabytes of one request over and over, then close.
+PONG = '{"type":"pong","ts":1}'  # the cheapest request there is: no token, no reply
 FLOOD_PROGRAM = r"""
 import socket, sys
 port, mb, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3].encode() + b"\n"
@@ -1238,7 +1239,7 @@ def test_a_client_faster_than_the_server_does_not_stall_the_others(start_server,
     s = start_server()
     healthy = pair(s.port, room="calm")
     nicks = ["flood-a", "flood-b"]
-    procs = [gsubprocess.Popen([sys.executable, "-c", FLOOD_PROGRAM, str(s.port), "8", '{"type":"pong","ts":1}', nick])
+    procs = [gsubprocess.Popen([sys.executable, "-c", FLOOD_PROGRAM, str(s.port), "8", PONG, nick])
              for nick in nicks]
     healthy.start(40, pause=0.05)
     healthy.check(limit=0.5)
