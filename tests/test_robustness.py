@@ -1217,11 +1217,13 @@ def test_message_floods_are_rate_limited_then_disconnected(start_server, chat, p
 
 # A client that sends as fast as it can, in a process of its own so that it can outpace
 # the server: hello, then MB megabytes of one request over and over, then close.
+# Arguments: port, MB, the request, the nick[, the source address].
 PONG = '{"type":"pong","ts":1}'  # the cheapest request there is: no token, no reply
 FLOOD_PROGRAM = r"""
 import socket, sys
 port, mb, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3].encode() + b"\n"
-sock = socket.create_connection(("127.0.0.1", port))
+source = (sys.argv[5], 0) if len(sys.argv) > 5 else None
+sock = socket.create_connection(("127.0.0.1", port), source_address=source)
 sock.sendall(b'{"type":"hello","nick":"' + sys.argv[4].encode() + b'"}\n')
 sock.recv(4096)
 chunk, sent = line * (65536 // len(line)), 0
