@@ -216,23 +216,28 @@ class Bench:
         cmd = [str(self.bins["loadgen"]), "-addr", srv["addr"], "-proto",
                "gochat" if srv["kind"] == "gochat" else "raw", *largs]
         errpath = self.logdir / f"{self._n:02d}-{tag}-{srv['kind']}-loadgen.log"
+        return self._run_generator(srv, cmd, "loadgen", f"loadgen for {tag}/{srv['kind']}", errpath, timeout)
+
+    def _run_generator(self, srv: dict[str, Any], cmd: list[str], name: str, what: str, errpath: Path,
+                       timeout: float, json_key: str = "mode") -> dict[str, Any]:
+        """Run one generator against ``srv``; its last JSON line, with the server's CPU and the
+        machine's busy time over exactly the generator's lifetime."""
         with open(errpath, "wb") as errf:
             t0 = time.monotonic()
             cpu0 = srv["sampler"].sample()[1]
             busy0 = machine_busy_s()
-            proc = self.children.start(cmd, "loadgen", stdout=subprocess.PIPE, stderr=errf)
+            proc = self.children.start(cmd, name, stdout=subprocess.PIPE, stderr=errf)
             try:
                 out, _ = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                log(f"loadgen for {tag}/{srv['kind']} exceeded {timeout:.0f} s: stopping it")
+                log(f"{what} exceeded {timeout:.0f} s: stopping it")
                 self.children.stop(proc, grace=5)
                 out = b""
             t1 = time.monotonic()
             cpu1 = srv["sampler"].sample()[1]
             busy1 = machine_busy_s()
         self.children.stop(proc, grace=1)
-        res = _last_json(out)
-        return {"cmd": cmd, "rc": proc.returncode, "json": res, "t0": t0, "t1": t1,
+        return {"cmd": cmd, "rc": proc.returncode, "json": _last_json(out, key=json_key), "t0": t0, "t1": t1,
                 "server_cpu_run_s": round(cpu1 - cpu0, 3), "machine_busy_s": round(busy1 - busy0, 3),
                 "log": str(errpath)}
 
@@ -450,25 +455,10 @@ class Bench:
                    "-members", str(fl["members"]), "-senders", str(fl["senders"]), "-window", str(fl["window"]),
                    "-size", str(fl["size"]), "-duration", str(d), "-drain", str(self.p["drain_s"])]
             errpath = self.logdir / f"{self._n:02d}-compare-pyload{n}.log"
-            with open(errpath, "wb") as errf:
-                t0 = time.monotonic()
-                cpu0 = srv["sampler"].sample()[1]
-                busy0 = machine_busy_s()
-                proc = self.children.start(cmd, "pyload", stdout=subprocess.PIPE, stderr=errf)
-                try:
-                    raw, _ = proc.communicate(timeout=d + 90)
-                except subprocess.TimeoutExpired:
-                    self.children.stop(proc, grace=5)
-                    raw = b""
-                t1 = time.monotonic()
-                cpu1 = srv["sampler"].sample()[1]
-                busy1 = machine_busy_s()
-            self.children.stop(proc, grace=1)
-            j = _last_json(raw, key="deliveries_per_s")
-            lg = {"cmd": cmd, "rc": proc.returncode, "json": j, "t0": t0, "t1": t1,
-                  "server_cpu_run_s": round(cpu1 - cpu0, 3), "machine_busy_s": round(busy1 - busy0, 3),
-                  "log": str(errpath)}
-            p0 = t0 + ((j or {}).get("setup_s") or 0)
+            lg = self._run_generator(srv, cmd, "pyload", f"pyload {n}", errpath, d + 90,
+                                     json_key="deliveries_per_s")
+            j = lg["json"]
+            p0 = lg["t0"] + ((j or {}).get("setup_s") or 0)
             rec = self._record("compare-generators", f"pyload{n}", srv, lg,
                                ("send", p0, p0 + ((j or {}).get("duration_s") or 0)))
         finally:
