@@ -107,11 +107,21 @@ class Config:
     rate: float = _setting(20.0, "requests per second per connection (token bucket refill)", 0.001)
     burst: int = _setting(40, "token bucket size", 1)
     max_strikes: int = _setting(50, "rate-limited requests in a row before the connection is closed", 1)
-    max_outbound_bytes: int = _setting(1048576, "unsent bytes per connection before slow_consumer", 1024)
+    max_outbound_bytes: int = _setting(1048576, "unsent bytes per connection, replies included, before "
+                                                "slow_consumer", 1024)
+    max_history_bytes: int = _setting(262144, "encoded bytes of messages in one history reply or join replay; "
+                                              "past it the reply says more: true", 1024)
     history_size: int = _setting(1000, "messages retained per room (0: none)", 0)
     max_rooms: int = _setting(100000, "rooms kept in memory; beyond it the least recently used empty room is forgotten "
                                       "(memory broker; 0: no cap)", 0)
+    max_rooms_per_session: int = _setting(100, "rooms one session may be in at once (0: no cap)", 0)
+    room_ttl: float = _setting(86400.0, "seconds a room without members and without new messages is kept (0: forever)",
+                               0)
     resume_window: float = _setting(120.0, "seconds a dropped session waits to be resumed (0: offline at once)", 0)
+    max_sessions: int | None = _setting(None, "sessions awaiting resume, at most; past it the oldest ends "
+                                              "(default: twice max_connections, or twice the open-file limit)", 1)
+    dm_rate: float = _setting(10.0, "DMs per second to one recipient, from all senders together (0: no limit)", 0)
+    dm_burst: int = _setting(20, "DM burst to one recipient", 1)
     drain_timeout: float = _setting(10.0, "seconds to flush clients on shutdown", 0)
     drain_spread: float = _setting(0.0, "seconds over which shutdown closes are spread (lame duck; within drain_timeout)", 0)
     auth: str = _setting("none", "client authentication", choices=("none", "jwt"))

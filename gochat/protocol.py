@@ -71,6 +71,7 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("not_in_room", False, "you are not in that room"),
         ErrorSpec("no_such_user", False, "no such user online"),
         ErrorSpec("bad_room", False, "room names are 1-64 characters of A-Z a-z 0-9 _ . : -"),
+        ErrorSpec("too_many_rooms", False, "too many rooms"),
         ErrorSpec("rate_limited", False, "too many requests, slow down"),
         ErrorSpec("too_large", True, "frame or line too large"),
         ErrorSpec("too_many_connections", True, "too many connections"),
