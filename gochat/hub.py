@@ -28,6 +28,7 @@ import gevent
 
 from gochat import metrics
 from gochat.broker import AlreadyAcked, Broker, BrokerUnavailable
+from gochat.config import Config
 from gochat.outbox import RoomFeed
 from gochat.protocol import DEFAULT_HISTORY_LIMIT, NICK_RE, Outgoing, ProtocolError
 
@@ -97,12 +98,13 @@ class Session:
 
 
 class Hub:
-    def __init__(self, broker: Broker, turns: Turns, resume_window: float, history_size: int,
+    def __init__(self, broker: Broker, turns: Turns, config: Config,
                  authenticate: Callable[[str], str] | None = None) -> None:
         self.broker = broker
         self.turns = turns
-        self.resume_window = resume_window
-        self.history_size = history_size
+        self.config = config
+        self.resume_window = config.resume_window
+        self.history_size = config.history_size
         self.authenticate = authenticate
         self.sessions: dict[str, Session] = {}  # by session id
         self.by_nick: dict[str, Session] = {}  # by nick key, local sessions only
@@ -251,9 +253,9 @@ class Hub:
             except BrokerUnavailable:
                 self._remove_member(session, room, shared=False)  # as if the join never happened
                 raise
-        seq, first_seq = self.broker.room_seq(room)
-        joined = {"type": "joined", "room": room, "seq": seq, "first_seq": first_seq,
-                  "members": self.broker.members(room)}
+        position = self.broker.room_seq(room)
+        joined = {"type": "joined", "room": room, "seq": position.seq, "first_seq": position.first_seq,
+                  "epoch": position.epoch, "members": self.broker.members(room)}
         # Replay stops where live delivery to this member starts: nothing arrives twice.
         if since is None:
             replay = []

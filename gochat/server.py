@@ -143,11 +143,9 @@ class Server:
         self.started = time.time()
         self.nofile = raise_nofile_limit()
         self.max_connections = self._connection_cap()
-        self.broker = brokers.create(config.broker, config.history_size, config.resume_window,
-                                     config.presence_ttl, config.max_rooms)
+        self.broker = brokers.create(config)
         self.flusher = Flusher()
-        self.hub = Hub(self.broker, self.flusher, config.resume_window, config.history_size,
-                       jwt_authenticator(config))
+        self.hub = Hub(self.broker, self.flusher, config, jwt_authenticator(config))
         self.connections: set[Connection] = set()
         self.per_ip: Counter[str] = Counter()
         # The pools bound the worst case: never more sockets than descriptors (accept() must
@@ -397,7 +395,7 @@ class Server:
             "connections": len(self.connections),
             "sessions": len(self.hub.sessions),
             "sessions_awaiting_resume": self.hub.awaiting_resume,
-            "rooms": len(self.broker.rooms()),
+            "rooms": self.broker.room_count(),
             "greenlets": count_greenlets(),
             "handler_greenlets": len(self.pool),
             "parked_connections": sum(1 for c in self.connections if c.parked),

@@ -87,7 +87,8 @@ def test_who_rooms_history(server, chat):
     acks = [a.send("hist", f"t{k}") for k in range(5)]
     assert a.who("hist") == ["hist-a"]
     rooms = {r["room"]: r for r in a.rooms()}
-    assert rooms["hist"] == {"room": "hist", "members": 1, "seq": acks[-1]["seq"]}
+    assert rooms["hist"] == {"room": "hist", "members": 1, "seq": acks[-1]["seq"], "epoch": rooms["hist"]["epoch"]}
+    assert isinstance(rooms["hist"]["epoch"], str) and rooms["hist"]["epoch"]
     assert [m["text"] for m in a.history("hist", since=2, limit=2)] == ["t2", "t3"]
     assert [m["seq"] for m in a.history("hist")] == [1, 2, 3, 4, 5]
     outsider = chat(server.port, "hist-out")

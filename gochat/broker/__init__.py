@@ -11,11 +11,27 @@ from __future__ import annotations
 import abc
 from typing import Any, NamedTuple, Protocol
 
+from gochat.config import Config
 from gochat.protocol import Outgoing
 
 
 class BrokerUnavailable(Exception):
     """The shared engine cannot be reached: the request gets ``error unavailable``, nothing is acked."""
+
+
+class TooManyRooms(Exception):
+    """A join would create a room past ``max_rooms`` and no room can be forgotten: ``error too_many_rooms``."""
+
+
+class RoomPosition(NamedTuple):
+    """Where a room's sequence stands (PROTOCOL.md section 3)."""
+
+    seq: int  # the latest seq (0: nothing posted in this epoch)
+    first_seq: int  # the oldest retained seq, or seq + 1 when none is retained
+    epoch: str  # names this sequence: a room whose sequence restarts gets a new one
+
+
+NO_EPOCH = "0"  # the epoch of a room that does not exist: it has no sequence yet
 
 
 class AlreadyAcked(Exception):
@@ -86,8 +102,11 @@ class Broker(abc.ABC):
         """Deliver to the live connection of a nick, wherever it is; False if there is none."""
 
     @abc.abstractmethod
-    def room_seq(self, room: str) -> tuple[int, int]:
-        """(latest seq, first retained seq); a new room is (0, 1)."""
+    def room_seq(self, room: str) -> RoomPosition:
+        """Where the room's sequence stands; a room that does not exist is (0, 1, NO_EPOCH).
+
+        Asking never creates the room: who, history and rooms of unknown rooms cost no state.
+        """
 
     def live_seq(self, room: str) -> int:
         """The last seq this node has fanned out to its members (a shared broker may lag behind)."""
@@ -109,7 +128,14 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def rooms(self) -> list[dict]:
-        """``{"room", "members", "seq"}`` for every room with at least one member."""
+        """``{"room", "members", "seq", "epoch"}`` for every room with at least one member.
+
+        Its cost grows with the rooms that have members, never with rooms that are gone.
+        """
+
+    @abc.abstractmethod
+    def room_count(self) -> int:
+        """How many rooms have at least one member, without listing them (for /stats)."""
 
     # Sessions: a single node keeps them in its hub; a shared broker also stores them, so
     # that a client can resume on any node. The defaults are the single-node ones.
@@ -138,12 +164,12 @@ class Broker(abc.ABC):
         """Another node took the session: stop keeping its claims alive here, change nothing shared."""
 
 
-def create(url: str, history_size: int, resume_window: float, presence_ttl: float, max_rooms: int = 0) -> Broker:
-    """The broker a ``broker`` setting names."""
-    if url == "memory":
+def create(config: Config) -> Broker:
+    """The broker the ``broker`` setting names, with the limits of ``config``."""
+    if config.broker == "memory":
         from gochat.broker.memory import MemoryBroker
 
-        return MemoryBroker(history_size, max_rooms)
+        return MemoryBroker(config)
     from gochat.broker.redis import RedisBroker
 
-    return RedisBroker(url, history_size, resume_window, presence_ttl)
+    return RedisBroker(config)

@@ -6,19 +6,22 @@ message out to every member before the next message can take a seq: order withou
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections import deque
 
-from gochat.broker import Broker, Listener
+from gochat.broker import NO_EPOCH, Broker, Listener, RoomPosition
+from gochat.config import Config
 from gochat.protocol import Outgoing
 
 
 class RoomLog:
     """One room's seq counter, retained messages and members (nick key -> nick, in join order)."""
 
-    __slots__ = ("seq", "retained", "members")
+    __slots__ = ("seq", "epoch", "retained", "members")
 
     def __init__(self, history_size: int) -> None:
         self.seq = 0
+        self.epoch = secrets.token_urlsafe(6)  # a forgotten room that comes back starts a new sequence
         self.retained: deque[Outgoing] = deque(maxlen=history_size)
         self.members: dict[str, str] = {}
 
@@ -28,9 +31,9 @@ class RoomLog:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, history_size: int, max_rooms: int = 0) -> None:
-        self.history_size = history_size
-        self.max_rooms = max_rooms
+    def __init__(self, config: Config) -> None:
+        self.history_size = config.history_size
+        self.max_rooms = config.max_rooms
         self._rooms: dict[str, RoomLog] = {}  # least recently created or posted to first
         self._nicks: dict[str, str] = {}
         self._listener: Listener | None = None
@@ -88,9 +91,9 @@ class MemoryBroker(Broker):
     def send_dm(self, nick_key: str, out: Outgoing) -> bool:
         return self._listener.deliver_dm(nick_key, out)
 
-    def room_seq(self, room: str) -> tuple[int, int]:
+    def room_seq(self, room: str) -> RoomPosition:
         log = self._rooms.get(room)
-        return (0, 1) if log is None else (log.seq, log.first_seq)
+        return RoomPosition(0, 1, NO_EPOCH) if log is None else RoomPosition(log.seq, log.first_seq, log.epoch)
 
     def history(self, room: str, since: int, limit: int | None, until: int | None = None) -> list[Outgoing]:
         log = self._rooms.get(room)
@@ -117,5 +120,8 @@ class MemoryBroker(Broker):
         return [] if log is None else list(log.members.values())
 
     def rooms(self) -> list[dict]:
-        return [{"room": name, "members": len(log.members), "seq": log.seq}
+        return [{"room": name, "members": len(log.members), "seq": log.seq, "epoch": log.epoch}
                 for name, log in self._rooms.items() if log.members]
+
+    def room_count(self) -> int:
+        return sum(1 for log in self._rooms.values() if log.members)

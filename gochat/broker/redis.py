@@ -32,7 +32,8 @@ import redis
 import ujson
 from redis.backoff import ExponentialWithJitterBackoff
 
-from gochat.broker import AlreadyAcked, Broker, BrokerUnavailable, Listener, SessionRecord
+from gochat.broker import NO_EPOCH, AlreadyAcked, Broker, BrokerUnavailable, Listener, RoomPosition, SessionRecord
+from gochat.config import Config
 from gochat.protocol import Outgoing
 
 log = logging.getLogger("gochat.broker.redis")
@@ -115,12 +116,11 @@ def _ack_from(rid: Any, remembered: str) -> dict:
 
 
 class RedisBroker(Broker):
-    def __init__(self, url: str, history_size: int, resume_window: float = 120.0,
-                 presence_ttl: float = 15.0) -> None:
-        self.url = url
-        self.history_size = history_size
-        self.resume_window = resume_window
-        self.presence_ttl = presence_ttl
+    def __init__(self, config: Config) -> None:
+        url = self.url = config.broker
+        self.history_size = config.history_size
+        self.resume_window = config.resume_window
+        self.presence_ttl = config.presence_ttl
         self.node = secrets.token_hex(8)
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=5, decode_responses=True, socket_timeout=5,
@@ -207,14 +207,14 @@ class RedisBroker(Broker):
         payload = f"p {exclude or '-'} {ujson.dumps(out.message, ensure_ascii=False)}"
         self._call(self.redis.publish, _k("room", room), payload)
 
-    def room_seq(self, room: str) -> tuple[int, int]:
+    def room_seq(self, room: str) -> RoomPosition:
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(_k("room", room, "seq"))
         pipe.xrange(_k("room", room, "log"), count=1)
         latest, first = self._call(pipe.execute)
         seq = int(latest or 0)
         first_seq = int(first[0][0].split("-")[1]) if first else seq + 1
-        return seq, min(first_seq, seq + 1)
+        return RoomPosition(seq, min(first_seq, seq + 1), NO_EPOCH)
 
     def live_seq(self, room: str) -> int:
         delivered = self._delivered.get(room)
@@ -297,8 +297,11 @@ class RedisBroker(Broker):
         for i, name in enumerate(names):
             members, seq = int(counts[2 * i]), int(counts[2 * i + 1] or 0)
             if members:
-                listing.append({"room": name, "members": members, "seq": seq})
+                listing.append({"room": name, "members": members, "seq": seq, "epoch": NO_EPOCH})
         return listing
+
+    def room_count(self) -> int:
+        return len(self.rooms())
 
     # ------------------------------------------------------------ DMs and sessions
 
