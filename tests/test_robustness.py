@@ -47,8 +47,8 @@ from gochat.client import Client
 ERROR_CODES = frozenset({
     "bad_json", "bad_request", "unknown_type", "bad_checksum", "hello_required", "bad_nick", "nick_taken",
     "bad_session", "unsupported_version", "auth_failed", "not_in_room", "no_such_user", "bad_room",
-    "rate_limited", "too_large", "too_many_connections", "slow_consumer", "idle_timeout", "handshake_timeout",
-    "unavailable", "shutting_down"})
+    "too_many_rooms", "rate_limited", "too_large", "too_many_connections", "slow_consumer", "idle_timeout",
+    "handshake_timeout", "unavailable", "shutting_down"})
 CLOSING_CODES = frozenset({"auth_failed", "too_large", "too_many_connections", "slow_consumer", "idle_timeout",
                            "handshake_timeout"})
 SERVER_TYPES = frozenset({"welcome", "joined", "left", "ack", "msg", "dm", "presence", "who", "rooms", "history",
