@@ -17,7 +17,8 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from test_robustness import FAST, Observer, Peer, gget, no_tracebacks, pair, run_all, stats  # noqa: F401 (pair: a fixture)
+from test_robustness import FAST, Observer, Peer, metrics, no_tracebacks, run_all, stats
+from test_robustness import pair  # noqa: F401 -- a fixture: pytest looks it up in this module
 
 GHOST_ROOM = "haunted"
 
@@ -99,9 +100,7 @@ def test_ghost_sessions_are_capped_oldest_first_and_free_their_nicks(start_serve
     # An evicted ghost's nick is free again, and its session cannot come back.
     again = chat(s.port, "ghost0")
     assert again.nick == "ghost0"
-    m = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
-         for line in gget(s, "/metrics")[1].splitlines() if line and not line.startswith("#")}
-    assert m["gochat_sessions_ended_at_cap_total"] == evicted + 1  # ghost0's welcome made room once more
+    assert metrics(s)["gochat_sessions_ended_at_cap_total"] == evicted + 1  # ghost0's welcome made room once more
     no_tracebacks(s)
 
 
