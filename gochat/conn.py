@@ -42,7 +42,7 @@ from gevent import Greenlet
 from gochat import metrics
 from gochat.broker import BrokerUnavailable
 from gochat.config import Config
-from gochat.hub import Hub, Session, now_ms
+from gochat.hub import Hub, RecipientRateLimited, Session, now_ms
 from gochat.protocol import (
     NEED_DATA,
     Bye,
@@ -389,12 +389,16 @@ class Connection:
         """Take a token; when none is left, answer rate_limited (and close after max_strikes)."""
         if self.bucket.take():
             return False
+        self._refuse(ProtocolError("rate_limited", None, request_id))
+        return True
+
+    def _refuse(self, error: ProtocolError) -> None:
+        """Answer a limited request with ``error``, or close once the strikes reach max_strikes."""
         if self.bucket.struck_out:
             self.fail(ProtocolError("rate_limited", f"closed after {self.bucket.strikes} limited requests in a row",
-                                    request_id), CloseReason.RATE_LIMITED)
+                                    error.request_id), CloseReason.RATE_LIMITED)
         else:
-            self.fail(ProtocolError("rate_limited", None, request_id))
-        return True
+            self.fail(error)
 
     # ------------------------------------------------------------ requests
 
@@ -460,7 +464,14 @@ class Connection:
         metrics.fanout_latency.observe(time.perf_counter() - started)
 
     def _dm(self, request: Dm) -> None:
-        self.reply(request.id, self.hub.dm(self.session, request.to, request.text, request.id))
+        try:
+            ack = self.hub.dm(self.session, request.to, request.text, request.id)
+        except RecipientRateLimited as exc:  # the recipient's limit: a strike, as for this connection's own
+            exc.request_id = request.id
+            self.bucket.strike()
+            self._refuse(exc)
+            return
+        self.reply(request.id, ack)
 
     def _who(self, request: Who) -> None:
         self.reply(request.id, {"type": "who", "room": request.room, "members": self.hub.who(request.room)})

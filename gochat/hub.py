@@ -15,10 +15,16 @@ Session rules:
    on resume it gets live messages again and, through ``join`` with ``since``, exactly the
    ones it missed: replay stops at the seq the room had when the session was resumed.
 3. Text-mode sessions cannot resume: they go offline when their connection ends.
+4. A node holds at most ``max_sessions`` sessions, live and detached together: a session
+   that would exceed it ends the one detached longest ago (offline presence, nick freed).
+   Live sessions are never ended for it (``max_connections`` bounds those), so the
+   detached ones are at most ``max_sessions``. Without the cap, connect + hello + join +
+   close in a loop would keep a ghost per cycle for ``resume_window``.
 """
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -35,6 +41,9 @@ from gochat.protocol import DEFAULT_HISTORY_LIMIT, NICK_RE, Outgoing, ProtocolEr
 log = logging.getLogger("gochat.hub")
 
 REMEMBERED_ACKS = 1024  # per session; msg and dm ids share the space (PROTOCOL.md section 5)
+SESSION_ID_BYTES = 24  # secrets.token_urlsafe: 192 random bits, a bearer credential
+# What token_urlsafe(SESSION_ID_BYTES) returns: 4 base64url characters per 3 bytes, no padding.
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{%d}\Z" % (SESSION_ID_BYTES * 4 // 3))
 
 
 def now_ms() -> int:
@@ -61,13 +70,24 @@ class Turns(Protocol):
     def request(self) -> None: ...
 
 
+class RecipientRateLimited(ProtocolError):
+    """A DM over its recipient's ``dm_rate``: ``rate_limited``, and a strike on the sender's connection.
+
+    The recipient's limit protects the recipient: DMs from many senders, each inside its own
+    rate, would otherwise outrun any reader and drop it as a slow consumer.
+    """
+
+    def __init__(self, to: str) -> None:
+        super().__init__("rate_limited", f"too many DMs to {to} right now, slow down")
+
+
 class Session:
     """A nick's presence on this node; survives its connection for ``resume_window``."""
 
     __slots__ = ("id", "nick", "key", "resumable", "rooms", "acks", "peer", "resume_marks", "expiry")
 
     def __init__(self, nick: str, resumable: bool, session_id: str | None = None) -> None:
-        self.id = session_id or secrets.token_urlsafe(24)  # 192 random bits: a bearer credential
+        self.id = session_id or secrets.token_urlsafe(SESSION_ID_BYTES)
         self.nick = nick
         self.key = nick.lower()
         self.resumable = resumable
@@ -107,6 +127,10 @@ class Hub:
         self.history_size = config.history_size
         self.authenticate = authenticate
         self.sessions: dict[str, Session] = {}  # by session id
+        # Sessions awaiting resume, the longest detached first: rule 4 ends the first in O(1).
+        self.detached: OrderedDict[str, Session] = OrderedDict()
+        # None only for a Hub built without a Server (which derives the default): no cap.
+        self.max_sessions = config.max_sessions
         self.by_nick: dict[str, Session] = {}  # by nick key, local sessions only
         self.local_members: dict[str, dict[str, Session]] = {}  # room -> nick key -> session
         self.feeds: dict[str, RoomFeed] = {}  # room -> its msgs of this turn (outbox.py)
@@ -134,52 +158,82 @@ class Hub:
         session.peer = peer
         self.sessions[session.id] = session
         self.by_nick[session.key] = session
-        self._save(session)
+        try:
+            self._save(session)
+        except BrokerUnavailable:
+            self._forget(session)  # the client was told unavailable: no session may stay behind
+            raise
+        self._end_sessions_over_cap()
         return session
 
     def _resume(self, session_id: str, peer: Peer) -> Session:
+        """Take a session back; any broker failure leaves it awaiting resume, as before the hello."""
+        if not SESSION_ID_RE.match(session_id):
+            # The value is the client's: checked against what the hub issues before it names
+            # a lookup or a key (a shared broker builds key names from it).
+            raise ProtocolError("bad_session", "not a session this server issued")
         session = self.sessions.get(session_id)
         if session is None:
             session = self._adopt(session_id)
         if not session.resumable:
             raise ProtocolError("bad_session")
+        marks = {room: self.broker.live_seq(room) for room in session.rooms}
         session.cancel_expiry()
+        self.detached.pop(session.id, None)
         if session.peer is not None:
             session.peer.takeover()
         session.peer = peer
-        session.resume_marks = {room: self.broker.live_seq(room) for room in session.rooms}
+        session.resume_marks = marks
         for room in session.rooms:
             self._follow(peer, room)
-        self._save(session)
+        try:
+            self._save(session)
+        except BrokerUnavailable:
+            self.detach(session, peer)
+            raise
+        self._end_sessions_over_cap()
         return session
 
     def _adopt(self, session_id: str) -> Session:
-        """Take over a session another node held (a shared broker): nick, rooms and acks."""
+        """Take over a session another node held (a shared broker): nick, rooms and acks.
+
+        Once its nick is claimed here the session awaits resume on this node like any
+        detached session (its resume window restarts), so a failure further on leaves
+        nothing that would not expire.
+        """
         record = self.broker.load_session(session_id)
         if record is None:
             raise ProtocolError("bad_session")
         session = Session(record.nick, True, session_id)
         if not self.broker.claim_nick(session.key, session.id):
             raise ProtocolError("bad_session", "the session expired and its nick was taken")
-        self.broker.session_taken(record.node, session_id)
         session.acks.update(record.acks)
         self.sessions[session.id] = session
         self.by_nick[session.key] = session
         for room in record.rooms:
             session.rooms[room] = None
             self.local_members.setdefault(room, {})[session.key] = session
+        self._await_resume(session)
+        self.broker.session_taken(record.node, session_id)
+        for room in record.rooms:
             self.broker.add_member(room, session.nick)
         return session
 
     def session_moved(self, session_id: str) -> None:
         """Another node resumed a session held here: let go of it without a word to its rooms."""
-        session = self.sessions.pop(session_id, None)
+        session = self.sessions.get(session_id)
         if session is None:
             return
-        session.cancel_expiry()
         if session.peer is not None:
             session.peer.takeover()
             session.peer = None
+        self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        """Drop a session here without a word to its rooms; its shared claims are left to expire."""
+        self.sessions.pop(session.id, None)
+        self.detached.pop(session.id, None)
+        session.cancel_expiry()
         if self.by_nick.get(session.key) is session:
             del self.by_nick[session.key]
         for room in session.rooms:
@@ -201,11 +255,28 @@ class Hub:
         if not session.resumable or self.resume_window <= 0:
             self.end(session)
         else:
-            session.expiry = gevent.spawn_later(self.resume_window, self._expire, session)
+            self._await_resume(session)
             self._save(session)
 
+    def _await_resume(self, session: Session) -> None:
+        session.expiry = gevent.spawn_later(self.resume_window, self._expire, session)
+        self.detached[session.id] = session
+
+    def _end_sessions_over_cap(self) -> None:
+        """Rule 4: while this node holds more than ``max_sessions``, end the longest detached."""
+        if self.max_sessions is None:
+            return
+        while len(self.sessions) > self.max_sessions and self.detached:
+            _, oldest = self.detached.popitem(last=False)
+            metrics.sessions_ended_at_cap.inc()
+            self._end_detached(oldest)
+
     def _expire(self, session: Session) -> None:
-        session.expiry = None
+        session.expiry = None  # this greenlet is the timer: ending the session must not kill it
+        self._end_detached(session)
+
+    def _end_detached(self, session: Session) -> None:
+        """End a session no connection is waiting on: nobody to answer ``unavailable`` to."""
         try:
             self.end(session)
         except BrokerUnavailable:
@@ -213,9 +284,10 @@ class Hub:
                         session.nick)
 
     def end(self, session: Session) -> None:
-        """``bye`` or an expired resume window: the nick goes offline in every room."""
+        """``bye``, an expired resume window or rule 4: the nick goes offline in every room."""
         if self.sessions.pop(session.id, None) is None:
             return
+        self.detached.pop(session.id, None)
         session.cancel_expiry()
         session.peer = None
         self.by_nick.pop(session.key, None)
@@ -317,10 +389,15 @@ class Hub:
         dup = session.replayed_ack(rid)
         if dup is not None:
             return dup
+        if not NICK_RE.match(to):  # before the recipient names any key
+            raise ProtocolError("no_such_user", f"{to[:40]!r} is not online")
+        if not self.broker.take_dm_token(to.lower()):
+            metrics.dms_rate_limited.inc()
+            raise RecipientRateLimited(to)
         ts = now_ms()
         out = Outgoing({"type": "dm", "from": session.nick, "text": text, "ts": ts})
-        if not NICK_RE.match(to) or not self.broker.send_dm(to.lower(), out):
-            raise ProtocolError("no_such_user", f"{to[:40]!r} is not online")
+        if not self.broker.send_dm(to.lower(), out):
+            raise ProtocolError("no_such_user", f"{to!r} is not online")
         ack = {"type": "ack", "ts": ts}
         if rid is not None:
             ack["id"] = rid
@@ -399,4 +476,4 @@ class Hub:
 
     @property
     def awaiting_resume(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.peer is None)
+        return len(self.detached)

@@ -42,6 +42,7 @@ from gochat.protocol import Decoder, ProtocolError, encode
 log = logging.getLogger("gochat.server")
 
 REFUSERS = 512  # refused clients waiting to show their codec at once, at most (19,300 clients fit 20,000 fds)
+SESSIONS_PER_CONNECTION = 2  # default max_sessions: one awaiting resume beside each live one
 ACCEPT_HEADROOM = 64  # handler greenlets beyond max_connections: a refusal starts in one, then moves out
 REJECT_READ_TIMEOUT = 2.0  # seconds a refused client gets to show its codec
 FD_RESERVE = 100  # descriptors kept for the listener, the admin port, logs and the broker
@@ -143,6 +144,9 @@ class Server:
         self.started = time.time()
         self.nofile = raise_nofile_limit()
         self.max_connections = self._connection_cap()
+        if config.max_sessions is None:  # section 6's default, from the caps this process really has
+            open_files = self.nofile[0] if config.max_connections == 0 else self.max_connections
+            config = self.config = config.replace(max_sessions=SESSIONS_PER_CONNECTION * open_files)
         self.broker = brokers.create(config)
         self.flusher = Flusher()
         self.hub = Hub(self.broker, self.flusher, config, jwt_authenticator(config))

@@ -163,6 +163,17 @@ class Broker(abc.ABC):
     def forget_session(self, session_id: str, nick_key: str, nick: str, rooms: list[str]) -> None:
         """Another node took the session: stop keeping its claims alive here, change nothing shared."""
 
+    # The DM rate per recipient (PROTOCOL.md section 6): one budget for all senders on all nodes.
+
+    @abc.abstractmethod
+    def take_dm_token(self, nick_key: str) -> bool:
+        """Take a token from the bucket of DMs to ``nick_key`` (``dm_rate``, ``dm_burst``); False if empty.
+
+        ``nick_key`` matched NICK_RE before the call. A nick nobody holds takes no token and
+        leaves no state behind (the DM gets ``no_such_user``): buckets exist only for
+        recipients, and only until they are full again.
+        """
+
 
 def create(config: Config) -> Broker:
     """The broker the ``broker`` setting names, with the limits of ``config``."""

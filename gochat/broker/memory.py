@@ -11,6 +11,7 @@ from collections import deque
 
 from gochat.broker import NO_EPOCH, Broker, Listener, RoomPosition
 from gochat.config import Config
+from gochat.limits import RecipientRates
 from gochat.protocol import Outgoing
 
 
@@ -37,6 +38,7 @@ class MemoryBroker(Broker):
         self._rooms: dict[str, RoomLog] = {}  # least recently created or posted to first
         self._nicks: dict[str, str] = {}
         self._listener: Listener | None = None
+        self._dm_rates = RecipientRates(config.dm_rate, config.dm_burst)  # take_dm_token
 
     def start(self, listener: Listener) -> None:
         self._listener = listener
@@ -125,3 +127,6 @@ class MemoryBroker(Broker):
 
     def room_count(self) -> int:
         return sum(1 for log in self._rooms.values() if log.members)
+
+    def take_dm_token(self, nick_key: str) -> bool:
+        return nick_key not in self._nicks or self._dm_rates.take(nick_key)

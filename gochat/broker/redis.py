@@ -94,6 +94,33 @@ end
 return 0
 """
 
+# KEYS: bucket, nick ; ARGV: rate (tokens/s), burst. The DM budget of one recipient, shared by
+# every node and timed by Redis's clock (nodes' clocks may differ). The key holds "tokens ms"
+# and lives only until the bucket would be full again: a missing key is a full bucket.
+# Returns 1 if a token was taken, or if nobody holds the nick (no key is made); 0 if empty.
+DM_TOKEN = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return 1
+end
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local tokens = burst
+local state = redis.call('GET', KEYS[1])
+if state then
+  local space = string.find(state, ' ', 1, true)
+  local stamp = tonumber(string.sub(state, space + 1))
+  tokens = math.min(burst, tonumber(string.sub(state, 1, space - 1)) + math.max(0, now - stamp) * rate / 1000)
+end
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('SET', KEYS[1], tokens .. ' ' .. now, 'PX', math.ceil((burst - tokens) * 1000 / rate) + 1)
+return taken
+"""
+
 
 def _k(*parts: str) -> str:
     return PREFIX + ":".join(parts)
@@ -129,6 +156,8 @@ class RedisBroker(Broker):
         self._append = self.redis.register_script(APPEND)
         self._claim = self.redis.register_script(CLAIM)
         self._release = self.redis.register_script(RELEASE)
+        self.dm_rate, self.dm_burst = config.dm_rate, config.dm_burst  # take_dm_token
+        self._dm_token = self.redis.register_script(DM_TOKEN)
         self._listener: Listener | None = None
         self._up = False
         self._running = False
@@ -483,3 +512,10 @@ class RedisBroker(Broker):
     def _expiry_ms(self) -> int:
         return self._now_ms() + int(self.presence_ttl * 1000)
 
+    # ------------------------------------------------------------ the DM rate per recipient
+
+    def take_dm_token(self, nick_key: str) -> bool:
+        if not self.dm_rate:
+            return True
+        return bool(self._call(self._dm_token, keys=[_k("dmrate", nick_key), _k("nick", nick_key)],
+                               args=[self.dm_rate, self.dm_burst]))
