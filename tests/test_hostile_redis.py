@@ -31,9 +31,9 @@ ROOMS_CALLS = 400  # at most, per measurement: the `rooms` loop stops with the v
 KEYS_DEADLINE = 15.0  # seconds for Redis to drop the dead rooms' keys (TTL ROOM_TTL, then expiry)
 # The victim's ack p50 and the cost of `rooms` after the flood may exceed their baseline of
 # the same test by this factor plus this slack (a loaded 2-core machine; the old unbounded
-# index made them 20-60 times worse at DEAD_ROOMS).
+# index made them 12-25 times worse at DEAD_ROOMS: `rooms` 1.7 -> 40 ms, victim 3 -> 43 ms).
 SLOWDOWN_FACTOR = 3
-SLOWDOWN_SLACK = 0.005
+SLOWDOWN_SLACK = 0.010
 
 
 def store(redis_server: Any) -> redis.Redis:
@@ -195,7 +195,8 @@ def test_dm_ack_records_are_trimmed_to_the_last_1024(start_server, redis_server)
     acks, ackids = f"gochat:session:{session}:acks", f"gochat:session:{session}:ackids"
     print(f"\nafter {DMS} DMs: {r.hlen(acks)} ack fields, {r.llen(ackids)} ack ids")
     assert r.llen(ackids) == 1024 and r.hlen(acks) == 1024
-    assert set(r.lrange(ackids, 0, -1)) == set(r.hkeys(acks)) == {json.dumps(f"d{k}") for k in range(DMS - 1024, DMS)}
+    last = {json.dumps(f"d{k}") for k in range(DMS - 1024, DMS)}
+    assert set(r.lrange(ackids, 0, -1)) == set(r.hkeys(acks)) == last
     assert r.ttl(acks) > 0 and r.ttl(ackids) > 0
 
     sender.close()

@@ -415,7 +415,8 @@ class RedisBroker(Broker):
         for i, name in enumerate(names):
             members, (seq, epoch) = int(counts[2 * i]), counts[2 * i + 1]
             if members:  # the index may still hold a room whose last member's node died
-                listing.append({"room": name, "members": members, "seq": int(seq or 0), "epoch": epoch or NO_EPOCH})
+                listing.append({"room": name, "members": members, "seq": int(seq or 0),
+                                "epoch": epoch or NO_EPOCH})
         return listing
 
     def room_count(self) -> int:
@@ -478,7 +479,8 @@ class RedisBroker(Broker):
                    _k("session", session_id, "ackids"))
 
     def remember_dm_ack(self, session_id: str, rid: Any, ack: dict) -> None:
-        self._call(self._remember_ack, keys=[_k("session", session_id, "acks"), _k("session", session_id, "ackids")],
+        keys = [_k("session", session_id, "acks"), _k("session", session_id, "ackids")]
+        self._call(self._remember_ack, keys=keys,
                    args=[ujson.dumps(rid), f"d {ack['ts']}", self._acks_ttl(), ACKS_KEPT])
 
     def _acks_ttl(self) -> int:
