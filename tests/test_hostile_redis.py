@@ -261,3 +261,22 @@ def test_a_lost_or_expired_room_sequence_restarts_with_a_new_epoch(start_server,
     assert c.send("ep", "fresh")["seq"] == 1
     no_tracebacks(a)
     no_tracebacks(b)
+
+
+def test_room_ttl_0_keeps_a_room_with_history_forever_but_no_index_entry(start_server, redis_server, chat):
+    node = start_server(broker=redis_server.url, presence_ttl=PRESENCE_TTL, room_ttl=0)
+    r = store(redis_server)
+    c = chat(node.port, "keeper")
+    epoch = c.join("kept").get("epoch")
+    c.send("kept", "stays")
+    c.join("quiet")
+    c.leave("kept")
+    c.leave("quiet")
+    assert r.ttl("gochat:room:kept:pos") == r.ttl("gochat:room:kept:log") == -1, "room_ttl 0: no TTL"
+    assert not any(key.startswith("gochat:room:quiet:") for key in room_keys(r)), \
+        "a room that retains nothing is forgotten with its last member"
+    assert r.zcard("gochat:rooms:live") == 0 and largest_room_collection(r)[0] <= 2
+    assert c.rooms() == []
+    again = c.join("kept")
+    assert (again.get("epoch"), again["seq"]) == (epoch, 1)
+    assert [m["text"] for m in c.history("kept")] == ["stays"]
