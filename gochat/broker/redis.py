@@ -21,6 +21,8 @@ Data model (every key starts with ``gochat:``; docs/scaling.md has the full tabl
 - ``session:{id}`` hash (nick, rooms, holder node, live) and ``session:{id}:acks`` +
   ``:ackids`` (the last 1024 acked ids, trimmed by the scripts that add one), all with
   ``resume_window`` TTL: any node can resume.
+- ``dmrate:{key}`` one recipient's DM budget (a token bucket shared by every node), kept
+  only until it would be full again.
 - channels ``room:{room}`` (msgs ``m {epoch} {seq} {json}``, presence ``p {exclude} {json}``)
   and ``node:{id}`` (``dm {nick} {json}``, ``moved {session}``).
 
