@@ -130,6 +130,7 @@ SECTION_6_CLOSES = {
     "not_in_room": False,
     "no_such_user": False,
     "bad_room": False,
+    "too_many_rooms": False,
     "rate_limited": False,
     "too_large": True,
     "too_many_connections": True,
