@@ -25,9 +25,12 @@ from gochat.broker import NO_EPOCH, Broker, Listener, RoomPosition, TooManyRooms
 from gochat.config import Config
 from gochat.protocol import Outgoing
 
-# The room_ttl sweep runs this many times per room_ttl: a room is forgotten between room_ttl
-# and room_ttl * (1 + 1 / TTL_SWEEPS_PER_TTL) seconds after it went idle.
+# The room_ttl sweep runs this many times per room_ttl, but never more often than every
+# TTL_SWEEP_MIN_INTERVAL seconds (a tiny room_ttl must not make it spin): a room is forgotten
+# between room_ttl and room_ttl + max(room_ttl / TTL_SWEEPS_PER_TTL, TTL_SWEEP_MIN_INTERVAL)
+# seconds after its last use.
 TTL_SWEEPS_PER_TTL = 10
+TTL_SWEEP_MIN_INTERVAL = 0.05
 FORGET_REASONS = ("lru", "ttl")  # the labels of gochat_rooms_forgotten
 
 
@@ -65,7 +68,8 @@ class MemoryBroker(Broker):
     def start(self, listener: Listener) -> None:
         self._listener = listener
         if self.room_ttl > 0:
-            self._sweeper = gevent.spawn(self._sweep_forever, self.room_ttl / TTL_SWEEPS_PER_TTL)
+            interval = max(self.room_ttl / TTL_SWEEPS_PER_TTL, TTL_SWEEP_MIN_INTERVAL)
+            self._sweeper = gevent.spawn(self._sweep_forever, interval)
 
     def stop(self) -> None:
         if self._sweeper is not None:
