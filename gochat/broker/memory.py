@@ -31,6 +31,7 @@ from gochat.protocol import Outgoing
 # seconds after its last use.
 TTL_SWEEPS_PER_TTL = 10
 TTL_SWEEP_MIN_INTERVAL = 0.05
+TTL_SWEEP_BATCH = 1000  # rooms forgotten per loop turn: a mass expiry yields to the connections in between
 FORGET_REASONS = ("lru", "ttl")  # the labels of gochat_rooms_forgotten
 
 
@@ -102,12 +103,16 @@ class MemoryBroker(Broker):
     def _sweep_forever(self, interval: float) -> None:
         while True:
             gevent.sleep(interval)
-            self._expire_idle(time.monotonic())
+            while self._expire_idle(time.monotonic(), TTL_SWEEP_BATCH) == TTL_SWEEP_BATCH:
+                gevent.sleep(0)
 
-    def _expire_idle(self, now: float) -> int:
-        """Forget the rooms idle for room_ttl by ``now``: a cost in proportion to what expires."""
+    def _expire_idle(self, now: float, most: int) -> int:
+        """Forget up to ``most`` rooms idle for room_ttl by ``now``, oldest first; how many went.
+
+        The cost is in proportion to what expires: the first room still young ends it.
+        """
         expired = 0
-        while self._idle:
+        while self._idle and expired < most:
             name, log = next(iter(self._idle.items()))
             if now - log.idle_since < self.room_ttl:
                 break
@@ -128,11 +133,8 @@ class MemoryBroker(Broker):
 
     def append(self, room: str, message: dict, session_id: str | None = None) -> Outgoing:
         """Sequence a msg; a room without members (a publish by the server) becomes the most recently used."""
-        log = self._rooms.get(room)
-        if log is None:
-            log = self._create(room)
-            self._touch_idle(room, log)
-        elif not log.members:
+        log = self._rooms.get(room) or self._create(room)
+        if not log.members:
             self._touch_idle(room, log)
         log.seq += 1
         message["seq"] = log.seq
@@ -164,9 +166,7 @@ class MemoryBroker(Broker):
 
     def add_member(self, room: str, nick: str) -> None:
         """Raises TooManyRooms when the room is new, ``max_rooms`` are kept and all have members."""
-        log = self._rooms.get(room)
-        if log is None:
-            log = self._create(room)
+        log = self._rooms.get(room) or self._create(room)
         if not log.members:
             self._idle.pop(room, None)
             self._live[room] = log
