@@ -97,6 +97,8 @@ class Client:
         self.closed = False
         self._ids = itertools.count(1)
         self._waiting: dict[Any, AsyncResult] = {}
+        self._epoch_checks: dict[Any, tuple[str, str]] = {}  # join id -> (room, the epoch its since counts in)
+        self._stale: dict[str, Any] = {}  # room -> id of the re-join whose replay supersedes its msgs until then
         self._write_lock = Semaphore()  # one writer at a time: sendall may yield mid-message
         self._encode = encode_frame if self.codec is Codec.FRAMES else encode_json
         if self.codec is Codec.FRAMES:
@@ -159,11 +161,24 @@ class Client:
         if kind == "ping":
             self.send_nowait({"type": "pong", "ts": message.get("ts")})
             return
+        if kind == "msg" and message.get("room") in self._stale:
+            return  # the re-join's replay brings it again, in seq order (see join)
+        if kind == "joined":
+            self._check_epoch(message)
         waiter = self._waiting.get(message.get("id")) if kind in REPLY_TYPES else None
         if waiter is not None:
             waiter.set(message)
         else:
             self.inbox.put(message)
+
+    def _check_epoch(self, reply: dict) -> None:
+        """Runs in the reader, so msgs are dropped from exactly the joined reply on (see join)."""
+        rid, room = reply.get("id"), reply.get("room")
+        if rid is not None and room in self._stale and self._stale[room] == rid:
+            del self._stale[room]  # the re-join's reply: its replay and live msgs follow
+        check = self._epoch_checks.pop(rid, None)
+        if check is not None and reply.get("epoch") != check[1] and reply.get("seq"):
+            self._stale[check[0]] = None
 
     # ------------------------------------------------------------ the protocol
 
@@ -176,12 +191,37 @@ class Client:
         self.session, self.nick = self.welcome["session"], self.welcome["nick"]
         return self.welcome
 
-    def join(self, room: str, since: int | None = None) -> dict:
-        """The ``joined`` reply; replayed messages arrive in the inbox after it."""
-        message: dict[str, Any] = {"type": "join", "room": room}
+    def join(self, room: str, since: int | None = None, epoch: str | None = None) -> dict:
+        """The ``joined`` reply (its ``epoch`` names the sequence its seqs count in); replayed
+        messages arrive in the inbox after it.
+
+        Give ``epoch`` with ``since`` when the since was saved from an earlier connection:
+        the epoch of the ``joined`` it counts from. If the room's sequence restarted since then
+        (another epoch), ``since`` is void (PROTOCOL.md section 3): every msg of the new epoch
+        is one the client missed, so it re-joins with ``since`` 0 and gets the room's whole
+        retained history. The reader drops the room's msgs between the two ``joined`` replies
+        (the stale replay, and live msgs the second replay repeats in order), so nothing
+        arrives twice or out of order; the second ``joined`` is returned. A new epoch with
+        seq 0 has nothing to replay and needs no second join.
+        """
+        message: dict[str, Any] = {"type": "join", "room": room, "id": next(self._ids)}
         if since is not None:
             message["since"] = since
-        return self.request(message)
+        if not since or epoch is None:
+            return self.request(message)  # since 0 replays the whole retained history in any epoch
+        self._epoch_checks[message["id"]] = (room, epoch)
+        try:
+            joined = self.request(message)
+        finally:
+            self._epoch_checks.pop(message["id"], None)
+        if room not in self._stale:
+            return joined
+        rejoin = {"type": "join", "room": room, "since": 0, "id": next(self._ids)}
+        self._stale[room] = rejoin["id"]
+        try:
+            return self.request(rejoin)
+        finally:
+            self._stale.pop(room, None)
 
     def leave(self, room: str) -> dict:
         return self.request({"type": "leave", "room": room})
@@ -288,7 +328,11 @@ class ReconnectingClient:
 
     It tries ``addresses`` in turn with jittered exponential backoff, resumes its session
     (same nick, same rooms) and re-joins every room with ``since`` = the last seq it saw,
-    so it gets exactly the messages it missed. ``send`` gives every message an id and
+    so it gets exactly the messages it missed. That seq counts in the room's epoch as it
+    saw it: a room whose sequence restarted meanwhile (forgotten by the server, expired)
+    gets a void since, and the re-join replays the new epoch from its start
+    (:meth:`Client.join`); ``epochs`` holds each room's epoch, ``restarted`` the rooms
+    whose epoch changed on the last reconnect. ``send`` gives every message an id and
     retries it until acked, so a retry is never posted twice. Retryable failures (network
     errors, ``unavailable``, ``shutting_down``, ``idle_timeout``, ``rate_limited`` after a
     pause) are retried; fatal ones raise :class:`FatalChatError` from the server's error.
@@ -303,6 +347,8 @@ class ReconnectingClient:
         self.max_attempts = max_attempts
         self.session: str | None = None
         self.rooms: dict[str, int | None] = {}  # room -> last seq seen
+        self.epochs: dict[str, str | None] = {}  # room -> the epoch those seqs count in
+        self.restarted: list[str] = []
         self.reconnects = -1
         self.client: Client | None = None
         self._next_address = 0
@@ -350,8 +396,15 @@ class ReconnectingClient:
             if welcome is None:
                 welcome = client.hello(nick=self.nick, token=self.token)
             self.session, self.nick = welcome["session"], welcome["nick"]
+            restarted = []
             for room, seen in self.rooms.items():
-                client.join(room, since=seen)
+                saved = self.epochs.get(room)
+                epoch = client.join(room, since=seen, epoch=saved).get("epoch")
+                if saved is not None and epoch != saved:
+                    restarted.append(room)
+                    self.rooms[room] = 0  # replayed msgs of the new epoch count up from here
+                self.epochs[room] = epoch
+            self.restarted = restarted
         except BaseException:
             client.close()
             raise
@@ -375,6 +428,7 @@ class ReconnectingClient:
     def join(self, room: str, since: int | None = None) -> dict:
         joined = self._retrying(lambda c: c.join(room, since))
         self.rooms.setdefault(room, since if since is not None else joined["seq"])
+        self.epochs.setdefault(room, joined.get("epoch"))
         return joined
 
     def send(self, room: str, text: str, id: Any = None) -> dict:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 import gevent
 
 from gochat import metrics
-from gochat.broker import AlreadyAcked, Broker, BrokerUnavailable
+from gochat.broker import AlreadyAcked, Broker, BrokerUnavailable, TooManyRooms
 from gochat.config import Config
 from gochat.outbox import RoomFeed
 from gochat.protocol import DEFAULT_HISTORY_LIMIT, NICK_RE, Outgoing, ProtocolError
@@ -312,7 +312,7 @@ class Hub:
             session.rooms[room] = None
             upto = session.resume_marks.pop(room, None)
         else:
-            self.broker.add_member(room, session.nick)
+            self._add_member(session, room)
             session.rooms[room] = None
             self.local_members.setdefault(room, {})[session.key] = session
             if session.peer is not None:
@@ -334,6 +334,16 @@ class Hub:
         else:
             replay = self.broker.history(room, since, None, self.broker.live_seq(room) if upto is None else upto)
         return joined, replay
+
+    def _add_member(self, session: Session, room: str) -> None:
+        """Make ``session`` a member of a room it is not in, or refuse with nothing changed (section 6)."""
+        cap = self.config.max_rooms_per_session
+        if cap and len(session.rooms) >= cap:
+            raise ProtocolError("too_many_rooms", f"a session may be in at most {cap} rooms; leave one first")
+        try:
+            self.broker.add_member(room, session.nick)
+        except TooManyRooms:
+            raise ProtocolError("too_many_rooms", "the server keeps no more rooms; join an existing one") from None
 
     def leave(self, session: Session, room: str) -> None:
         if room not in session.rooms:

@@ -84,6 +84,8 @@ deliveries = Count("gochat_deliveries", "Messages queued to clients")
 bytes_in = Count("gochat_bytes_in", "Bytes received from clients")
 bytes_out = Count("gochat_bytes_out", "Bytes sent to clients")
 errors_sent = CountBy("gochat_errors_sent", "Protocol errors sent, by code", "code")
+rooms_forgotten = CountBy("gochat_rooms_forgotten", "Rooms the memory broker forgot with their history, by reason "
+                          "(lru: at max_rooms; ttl: idle for room_ttl)", "reason")
 handler_exceptions = Count("gochat_handler_exceptions", "Unexpected exceptions in connection handlers")
 sessions_ended_at_cap = Count("gochat_sessions_ended_at_cap", "Sessions awaiting resume ended early by max_sessions")
 dms_rate_limited = Count("gochat_dms_rate_limited", "DMs refused over their recipient's dm_rate")
@@ -93,7 +95,7 @@ fanout_latency = Buckets("gochat_fanout_seconds", "From a msg's arrival to its f
                          (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
 
 COUNTERS = (connections_accepted, connections_rejected, connections_closed, messages_in, deliveries, bytes_in,
-            bytes_out, errors_sent, handler_exceptions, sessions_ended_at_cap,
+            bytes_out, errors_sent, rooms_forgotten, handler_exceptions, sessions_ended_at_cap,
             dms_rate_limited, heartbeat_rtt, fanout_latency)
 _gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 

@@ -34,11 +34,13 @@ def run_terminal(host: str, port: int, nick: str, room: str, token: str | None, 
     try:
         client = Client(host, port, tls=context)
         _show(client.hello(nick=None if token else nick, token=token))
-        _show(client.join(room))
+        joined = client.join(room)
+        _show(joined)
     except (OSError, ChatError) as exc:
         print(f"! {exc}", file=sys.stderr, flush=True)
         return 1
     rooms = [room]  # joined rooms, most recent last: where a plain line goes
+    epochs = {room: joined.get("epoch")}  # every room joined in this run: the sequence its seqs count in
     printer = gevent.spawn(_print_incoming, client)
     stdin = FileObjectPosix(sys.stdin.fileno(), "rb", close=False)
     try:
@@ -66,12 +68,15 @@ def run_terminal(host: str, port: int, nick: str, room: str, token: str | None, 
             except ChatError as exc:
                 _show(exc.reply)
                 continue
-            if reply["type"] == "joined":
-                rooms[:] = [r for r in rooms if r != reply["room"]] + [reply["room"]]
-            elif reply["type"] == "left":
-                rooms[:] = [r for r in rooms if r != reply["room"]]
             if reply["type"] in REPLIES_SHOWN:
                 _show(reply)
+            if reply["type"] == "joined":
+                rooms[:] = [r for r in rooms if r != reply["room"]] + [reply["room"]]
+                if epochs.setdefault(reply["room"], reply.get("epoch")) != reply.get("epoch"):
+                    epochs[reply["room"]] = reply.get("epoch")
+                    print(f"* history of {reply['room']} restarted: the server forgot the room meanwhile", flush=True)
+            elif reply["type"] == "left":
+                rooms[:] = [r for r in rooms if r != reply["room"]]
     except ConnectionClosed:
         pass
     finally:

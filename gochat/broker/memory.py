@@ -2,29 +2,51 @@
 
 Everything runs synchronously in the calling greenlet with no yield, so ``append`` fans a
 message out to every member before the next message can take a seq: order without locks.
+
+Rooms (PROTOCOL.md section 6). Every room kept is in exactly one of two maps: ``_live``
+(rooms with members, which ``rooms`` and ``room_count`` read) or ``_idle`` (rooms without
+members, least recently used first). A room enters ``_idle`` at the end when its last member
+leaves and moves to the end when a message is posted to it, so the front of ``_idle`` is
+both the room to forget at ``max_rooms`` and the one that has been idle longest for
+``room_ttl``: forgetting either way pops from the front and never scans. Reading a room
+(``history``, ``who``) is not use: a client that only reads cannot keep a room alive.
 """
 from __future__ import annotations
 
 import itertools
 import secrets
-from collections import deque
+import time
+from collections import OrderedDict, deque
 
-from gochat.broker import NO_EPOCH, Broker, Listener, RoomPosition
+import gevent
+
+from gochat import metrics
+from gochat.broker import NO_EPOCH, Broker, Listener, RoomPosition, TooManyRooms
 from gochat.config import Config
 from gochat.limits import RecipientRates
 from gochat.protocol import Outgoing
+
+# The room_ttl sweep runs this many times per room_ttl, but never more often than every
+# TTL_SWEEP_MIN_INTERVAL seconds (a tiny room_ttl must not make it spin): a room is forgotten
+# between room_ttl and room_ttl + max(room_ttl / TTL_SWEEPS_PER_TTL, TTL_SWEEP_MIN_INTERVAL)
+# seconds after its last use.
+TTL_SWEEPS_PER_TTL = 10
+TTL_SWEEP_MIN_INTERVAL = 0.05
+TTL_SWEEP_BATCH = 1000  # rooms forgotten per loop turn: a mass expiry yields to the connections in between
+FORGET_REASONS = ("lru", "ttl")  # the labels of gochat_rooms_forgotten
 
 
 class RoomLog:
     """One room's seq counter, retained messages and members (nick key -> nick, in join order)."""
 
-    __slots__ = ("seq", "epoch", "retained", "members")
+    __slots__ = ("seq", "epoch", "retained", "members", "idle_since")
 
     def __init__(self, history_size: int) -> None:
         self.seq = 0
         self.epoch = secrets.token_urlsafe(6)  # a forgotten room that comes back starts a new sequence
         self.retained: deque[Outgoing] = deque(maxlen=history_size)
         self.members: dict[str, str] = {}
+        self.idle_since = 0.0  # monotonic time of the last use while the room has no members
 
     @property
     def first_seq(self) -> int:
@@ -35,38 +57,74 @@ class MemoryBroker(Broker):
     def __init__(self, config: Config) -> None:
         self.history_size = config.history_size
         self.max_rooms = config.max_rooms
-        self._rooms: dict[str, RoomLog] = {}  # least recently created or posted to first
+        self.room_ttl = config.room_ttl
+        self._rooms: dict[str, RoomLog] = {}  # every room kept: the union of _live and _idle
+        self._live: dict[str, RoomLog] = {}
+        self._idle: OrderedDict[str, RoomLog] = OrderedDict()
         self._nicks: dict[str, str] = {}
         self._listener: Listener | None = None
         self._dm_rates = RecipientRates(config.dm_rate, config.dm_burst)  # take_dm_token
+        self._sweeper: gevent.Greenlet | None = None
+        for reason in FORGET_REASONS:
+            metrics.rooms_forgotten.inc(reason, 0)  # exported at zero before the first event
 
     def start(self, listener: Listener) -> None:
         self._listener = listener
+        if self.room_ttl > 0:
+            interval = max(self.room_ttl / TTL_SWEEPS_PER_TTL, TTL_SWEEP_MIN_INTERVAL)
+            self._sweeper = gevent.spawn(self._sweep_forever, interval)
 
-    def _log(self, room: str) -> RoomLog:
-        log = self._rooms.get(room)
-        if log is None:
-            log = self._rooms[room] = RoomLog(self.history_size)
-            if self.max_rooms and len(self._rooms) > self.max_rooms:
-                self._evict_one()
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+            self._sweeper = None
+
+    # ------------------------------------------------------------ the room maps
+
+    def _create(self, room: str) -> RoomLog:
+        """A new room, making space at ``max_rooms`` by forgetting the least recently used idle one.
+
+        The new room is not kept yet while space is made, so it can never be the one
+        forgotten; with every room in use, nothing changes and the caller gets TooManyRooms.
+        """
+        if self.max_rooms and len(self._rooms) >= self.max_rooms:
+            if not self._idle:
+                raise TooManyRooms(room)
+            name, _ = self._idle.popitem(last=False)
+            del self._rooms[name]
+            metrics.rooms_forgotten.inc("lru")
+        log = self._rooms[room] = RoomLog(self.history_size)
         return log
 
-    def _evict_one(self) -> None:
-        """Forget the least recently used room that has no members, history and seq included.
+    def _touch_idle(self, room: str, log: RoomLog) -> None:
+        """Make a room without members the most recently used one."""
+        log.idle_since = time.monotonic()
+        self._idle[room] = log
+        self._idle.move_to_end(room)
 
-        Without a cap, a client could grow memory without bound by posting to ever new
-        rooms; a room forgotten this way starts again at seq 1, as a new room.
+    def _sweep_forever(self, interval: float) -> None:
+        while True:
+            gevent.sleep(interval)
+            while self._expire_idle(time.monotonic(), TTL_SWEEP_BATCH) == TTL_SWEEP_BATCH:
+                gevent.sleep(0)
+
+    def _expire_idle(self, now: float, most: int) -> int:
+        """Forget up to ``most`` rooms idle for room_ttl by ``now``, oldest first; how many went.
+
+        The cost is in proportion to what expires: the first room still young ends it.
         """
-        for name, log in self._rooms.items():
-            if not log.members:
-                del self._rooms[name]
-                return
+        expired = 0
+        while self._idle and expired < most:
+            name, log = next(iter(self._idle.items()))
+            if now - log.idle_since < self.room_ttl:
+                break
+            del self._idle[name]
+            del self._rooms[name]
+            expired += 1
+        metrics.rooms_forgotten.inc("ttl", expired)
+        return expired
 
-    def _forget_if_unused(self, room: str) -> None:
-        """A room with no members and nothing retained is indistinguishable from a new one."""
-        log = self._rooms.get(room)
-        if log is not None and not log.members and not log.retained:
-            del self._rooms[room]
+    # ------------------------------------------------------------ the broker interface
 
     def claim_nick(self, nick_key: str, owner: str) -> bool:
         return self._nicks.setdefault(nick_key, owner) == owner
@@ -76,10 +134,10 @@ class MemoryBroker(Broker):
             del self._nicks[nick_key]
 
     def append(self, room: str, message: dict, session_id: str | None = None) -> Outgoing:
-        log = self._rooms.pop(room, None)
-        if log is not None:
-            self._rooms[room] = log  # most recently used: evicted last
-        log = self._log(room)
+        """Sequence a msg; a room without members (a publish by the server) becomes the most recently used."""
+        log = self._rooms.get(room) or self._create(room)
+        if not log.members:
+            self._touch_idle(room, log)
         log.seq += 1
         message["seq"] = log.seq
         out = Outgoing(message)
@@ -109,13 +167,23 @@ class MemoryBroker(Broker):
         return list(itertools.islice(log.retained, start, stop))
 
     def add_member(self, room: str, nick: str) -> None:
-        self._log(room).members[nick.lower()] = nick
+        """Raises TooManyRooms when the room is new, ``max_rooms`` are kept and all have members."""
+        log = self._rooms.get(room) or self._create(room)
+        if not log.members:
+            self._idle.pop(room, None)
+            self._live[room] = log
+        log.members[nick.lower()] = nick
 
     def remove_member(self, room: str, nick: str) -> None:
+        """A room's last member left: forget it if it retains nothing, else it becomes idle."""
         log = self._rooms.get(room)
-        if log is not None:
-            log.members.pop(nick.lower(), None)
-            self._forget_if_unused(room)
+        if log is None or log.members.pop(nick.lower(), None) is None or log.members:
+            return
+        del self._live[room]
+        if log.retained:
+            self._touch_idle(room, log)
+        else:
+            del self._rooms[room]  # nothing to lose but its seq, and a new epoch tells clients so
 
     def members(self, room: str) -> list[str]:
         log = self._rooms.get(room)
@@ -123,10 +191,10 @@ class MemoryBroker(Broker):
 
     def rooms(self) -> list[dict]:
         return [{"room": name, "members": len(log.members), "seq": log.seq, "epoch": log.epoch}
-                for name, log in self._rooms.items() if log.members]
+                for name, log in self._live.items()]
 
     def room_count(self) -> int:
-        return sum(1 for log in self._rooms.values() if log.members)
+        return len(self._live)
 
     def take_dm_token(self, nick_key: str) -> bool:
         return nick_key not in self._nicks or self._dm_rates.take(nick_key)
