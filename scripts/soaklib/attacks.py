@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import resource
 import socket
 import struct
 import subprocess
@@ -52,6 +53,7 @@ class Tally:
         self.notes: Counter = Counter()
         self.examples: dict[str, str] = {}  # note -> its first occurrence, numbers and all
         self.waves = 0
+        self.figures: dict[str, Any] = {}  # what the report shows beside the table (victim closes, ...)
 
     def note(self, what: str) -> None:
         """Count a failed check; notes that differ only in numbers (seeds, ports, seqs) count as one."""
@@ -70,13 +72,16 @@ class Tally:
         notes = {(self.examples[k] if self.examples[k] == k else f"{k}, e.g. {self.examples[k]}"): n
                  for k, n in self.notes.items()}
         return {"attack": self.name, "connections": self.connections, "errors": dict(self.errors),
-                "lost": self.lost, "notes": notes, "waves": self.waves}
+                "lost": self.lost, "notes": notes, "waves": self.waves, "figures": self.figures}
 
 
 class Ctx:
-    def __init__(self, port: int, seconds: float, seed: int, scale: float = 1.0) -> None:
+    def __init__(self, port: int, seconds: float, seed: int, scale: float = 1.0, part: int = 0,
+                 tls_port: int = 0, tls_cert: str = "") -> None:
         self.scale = scale  # the size of waves (every attack at once runs them smaller)
         self.port = port
+        self.part = part  # which of the attack's processes this is (soaklib.hostile.PROCESSES)
+        self.tls_port, self.tls_cert = tls_port, tls_cert  # the soak's TLS server
         self.deadline = time.monotonic() + seconds
         self.seed = seed
         self.rng = random.Random(seed)
@@ -489,10 +494,12 @@ ATTACKS: dict[str, Callable[[Ctx, Tally], None]] = {
 }
 
 
-def run_attack(name: str, port: int, seconds: float, seed: int, scale: float = 1.0) -> dict:
+def run_attack(name: str, attack: Callable[[Ctx, Tally], None], ctx: Ctx) -> dict:
     tally = Tally(name)
     try:
-        ATTACKS[name](Ctx(port, seconds, seed, scale), tally)
+        attack(ctx, tally)
     except (Exception, gevent.Timeout) as exc:  # noqa: BLE001 - reported, with what was counted so far
         tally.fail(exc)
-    return tally.as_dict()
+    cpu = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                        resource.RUSAGE_CHILDREN)))
+    return {**tally.as_dict(), "cpu_s": round(cpu, 2)}  # children: the pong flooders

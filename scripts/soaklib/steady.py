@@ -1,6 +1,7 @@
 """The steady chat load of scripts/soak.py, and its readers' loss accounting.
 
-Senders post with ids and record every ack; readers record every seq they receive. Both
+Senders post with ids and record every ack and how long it took (the soak's latency
+reference); readers record every seq they receive. Both
 survive being disconnected (by the server's limits or its bugs): a sender resumes and
 resends the same id (exactly-once makes that safe), a reader resumes and joins with
 ``since`` = the last seq it saw (PROTOCOL.md section 5). A message is lost when it was
@@ -136,6 +137,9 @@ class SteadySender:
     def __init__(self, port: int, nick: str, room: str, interval: float) -> None:
         self.port, self.nick, self.room, self.interval = port, nick, room, interval
         self.acked: dict[int, float] = {}  # seq -> wall-clock time of the ack
+        # (wall-clock time of the first attempt, seconds until its ack): resends included, so
+        # a sender dropped by the server shows it as one slow ack, not as a gap
+        self.ack_latencies: list[tuple[float, float]] = []
         self.session: str | None = None
         self.client: Client | None = None
         self.drops = 0
@@ -158,6 +162,7 @@ class SteadySender:
         k = 0
         while not self.stopping:
             rid = f"{self.nick}-{k}"
+            sent_at, started = time.time(), time.monotonic()
             for _ in range(100):  # bounded: resends of one message
                 try:
                     ack = self.client.send(self.room, rid, id=rid)
@@ -174,6 +179,7 @@ class SteadySender:
                 return
             self.dup_acks += 1 if ack.get("dup") else 0
             self.acked[ack["seq"]] = time.time()
+            self.ack_latencies.append((sent_at, time.monotonic() - started))
             k += 1
             gevent.sleep(self.interval)
 
@@ -216,7 +222,7 @@ def run_steady(port: int, rooms: int = 4, senders: int = 2, readers: int = 3, in
             s.stopping = True
     gevent.joinall(greenlets, timeout=30)
     result: dict[str, Any] = {"acked": [], "missing": [], "duplicates": 0, "order_errors": 0, "reader_drops": 0,
-                              "sender_drops": 0, "expired": 0, "dup_acks": 0}
+                              "sender_drops": 0, "expired": 0, "dup_acks": 0, "acks": []}
     latencies: list[float] = []
     for room in members:
         acked = {seq: t for s in posting[room] for seq, t in s.acked.items()}
@@ -232,6 +238,7 @@ def run_steady(port: int, rooms: int = 4, senders: int = 2, readers: int = 3, in
             latencies += reader.latencies
             reader.stop()
         for s in posting[room]:
+            result["acks"] += [[round(t, 3), round(lat * 1000, 2)] for t, lat in s.ack_latencies]
             result["sender_drops"] += s.drops
             result["dup_acks"] += s.dup_acks
             s.close()
