@@ -15,7 +15,7 @@ import click  # noqa: E402
 import ujson  # noqa: E402
 
 from gochat import __version__  # noqa: E402
-from gochat.config import PROFILES, SETTINGS, Config, ConfigError, load  # noqa: E402
+from gochat.config import MASK, MIN_SCRUBBED_CHARS, PROFILES, SETTINGS, Config, ConfigError, load  # noqa: E402
 
 CLICK_TYPES = {str: click.STRING, int: click.INT, float: click.FLOAT}
 
@@ -31,6 +31,29 @@ class JsonFormatter(logging.Formatter):
         return ujson.dumps(entry)
 
 
+class Scrubbed(logging.Formatter):
+    """Another formatter's lines with the configuration's secrets masked (PROTOCOL.md section 9).
+
+    gochat masks secrets where it prints a setting itself; this catches what it does not
+    write itself (a library's exception text, a traceback), for secrets long enough to
+    scrub (config.MIN_SCRUBBED_CHARS), also as JSON lines spell them (ujson writes "/" as
+    "\\/"). Installed only when there is such a secret.
+    """
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = sorted({form for secret in secrets for form in (secret, ujson.dumps(secret)[1:-1])},
+                              key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+
 def setup_logging(config: Config) -> None:
     # Under gevent every greenlet would otherwise get a dummy Thread object per log record;
     # no format here prints the caller, so no stack walk per record either (the logging
@@ -40,10 +63,10 @@ def setup_logging(config: Config) -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    formatter = (JsonFormatter() if config.log_format == "json"
+                 else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    secrets = [secret for secret in config.secret_values() if len(secret) >= MIN_SCRUBBED_CHARS]
+    handler.setFormatter(Scrubbed(formatter, secrets) if secrets else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
@@ -92,14 +115,14 @@ def serve(config_file: str | None, profile: str | None, **flags: Any) -> None:
         try:
             supervisor = Supervisor(config, worker_args(sys.argv))
         except OSError as exc:
-            raise click.ClickException(f"cannot start: {exc}") from None
+            raise click.ClickException(config.scrub(f"cannot start: {exc}")) from None
         sys.exit(supervisor.run())
     from gochat.server import Server
 
     try:
         server = Server(config)
     except (ConfigError, ValueError, OSError) as exc:
-        raise click.ClickException(f"cannot start: {exc}") from None
+        raise click.ClickException(config.scrub(f"cannot start: {exc}")) from None
     sys.exit(server.serve_forever())
 
 
@@ -133,10 +156,7 @@ def config_show(config_file: str | None, profile: str | None, **flags: Any) -> N
     width = max(len(s.key) for s in SETTINGS)
     click.echo(f"{'profile':<{width}}  {config.profile}")
     for setting in SETTINGS:
-        value = getattr(config, setting.key)
-        if setting.key == "jwt_secret" and value:
-            value = "<set>"
-        click.echo(f"{setting.key:<{width}}  {value!s:<24} {config.sources[setting.key]}")
+        click.echo(f"{setting.key:<{width}}  {config.shown(setting.key)!s:<24} {config.sources[setting.key]}")
 
 
 @cli.command()

@@ -11,20 +11,60 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 ENV_PREFIX = "GOCHAT_"
 MAX_PORT = 65535
+MASK = "***"
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output, 256 bits.
+MIN_HS256_SECRET_BYTES = 32
+# Log output is scrubbed of secret values at least this long. A shorter one is left alone:
+# replacing every "ab" in a log line would mangle it, and the pattern of the masks would
+# spell the secret out. Where gochat prints a setting itself it masks it whatever its length.
+MIN_SCRUBBED_CHARS = 8
+URL_SECRET_PARAMS = ("password",)  # redis-py also reads the password from the query string
 
 
 class ConfigError(ValueError):
     """A bad setting: reported before the server starts, naming the key and its source."""
 
 
+def mask_whole(value: str) -> str:
+    """A setting that is a secret as a whole (jwt_secret): only whether it is set shows."""
+    return MASK
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The secret parts of a URL as written: the password of the userinfo, password= parameters."""
+    parts = urlsplit(url)
+    found = []
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.partition(":")[2])
+    found.extend(value for key, value in parse_qsl(parts.query, keep_blank_values=True)
+                 if key.lower() in URL_SECRET_PARAMS)
+    return [secret for secret in found if secret]
+
+
+def mask_url(url: str) -> str:
+    """A broker URL fit to print: redis://:pw@host and redis://user:pw@host become redis://user:***@host,
+    and a password= query parameter is masked too; the rest (scheme, host, port, db) stays readable."""
+    if not _url_secrets(url):
+        return url
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hostport}" if at and ":" in userinfo else parts.netloc
+    pairs = [pair.partition("=") for pair in parts.query.split("&")] if parts.query else []
+    query = "&".join(key + sep + (MASK if key.lower() in URL_SECRET_PARAMS else value) for key, sep, value in pairs)
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
 def _setting(default: Any, help: str, minimum: float | None = None, maximum: float | None = None,
-             choices: tuple[str, ...] | None = None) -> Any:
+             choices: tuple[str, ...] | None = None, mask: Callable[[str], str] | None = None) -> Any:
+    """One field of Config. ``mask`` declares the setting secret: it gives the text to print for a value."""
     return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum,
-                                            "choices": choices})
+                                            "choices": choices, "mask": mask})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,25 +78,38 @@ class Setting:
     minimum: float | None
     maximum: float | None
     choices: tuple[str, ...] | None
+    mask: Callable[[str], str] | None = None
 
     @property
     def envvar(self) -> str:
         return ENV_PREFIX + self.key.upper()
+
+    @property
+    def secret(self) -> bool:
+        return self.mask is not None
+
+    def show(self, value: Any) -> Any:
+        """The value as logs, errors and `gochat config show` may print it."""
+        if self.mask is None or value is None:
+            return value
+        return self.mask(str(value))
 
     def parse(self, raw: Any, source: str) -> Any:
         """Convert a raw value (a string from the environment or a flag, or a TOML value) and check it."""
         try:
             value = self._convert(raw)
         except (TypeError, ValueError):
-            raise ConfigError(f"{self.key} = {raw!r} (from {source}): expected {self.type.__name__}") from None
+            raise ConfigError(f"{self.key} = {self.show(raw)!r} (from {source}): "
+                              f"expected {self.type.__name__}") from None
         if value is None:
             return None
+        shown = self.show(value)
         if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"{self.key} = {value!r} (from {source}): expected one of {', '.join(self.choices)}")
+            raise ConfigError(f"{self.key} = {shown!r} (from {source}): expected one of {', '.join(self.choices)}")
         if self.minimum is not None and value < self.minimum:
-            raise ConfigError(f"{self.key} = {value!r} (from {source}): must be >= {self.minimum}")
+            raise ConfigError(f"{self.key} = {shown!r} (from {source}): must be >= {self.minimum}")
         if self.maximum is not None and value > self.maximum:
-            raise ConfigError(f"{self.key} = {value!r} (from {source}): must be <= {self.maximum}")
+            raise ConfigError(f"{self.key} = {shown!r} (from {source}): must be <= {self.maximum}")
         return value
 
     def _convert(self, raw: Any) -> Any:
@@ -125,10 +178,11 @@ class Config:
     drain_timeout: float = _setting(10.0, "seconds to flush clients on shutdown", 0)
     drain_spread: float = _setting(0.0, "seconds over which shutdown closes are spread (lame duck; within drain_timeout)", 0)
     auth: str = _setting("none", "client authentication", choices=("none", "jwt"))
-    jwt_secret: str | None = _setting(None, "HS256 secret (auth = jwt)")
+    jwt_secret: str | None = _setting(None, f"HS256 secret (auth = jwt), {MIN_HS256_SECRET_BYTES} bytes or more",
+                                      mask=mask_whole)
     jwt_public_key: str | None = _setting(None, "RS256 public key PEM file (auth = jwt)")
     jwt_audience: str | None = _setting(None, "required aud claim (auth = jwt)")
-    broker: str = _setting("memory", "memory, or redis://host:port/db for several nodes")
+    broker: str = _setting("memory", "memory, or redis://host:port/db for several nodes", mask=mask_url)
     presence_ttl: float = _setting(15.0, "seconds a dead node's members, nicks and sessions stay claimed (redis broker)",
                                    1, 3600)
     tls_cert: str | None = _setting(None, "PEM certificate file for TLS on the chat port")
@@ -145,10 +199,14 @@ class Config:
             raise ConfigError("auth = jwt needs jwt_secret (HS256) or jwt_public_key (RS256)")
         if self.jwt_secret and self.jwt_public_key:
             raise ConfigError("set jwt_secret or jwt_public_key, not both: HS256 and RS256 are never accepted together")
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_HS256_SECRET_BYTES:
+            raise ConfigError(f"jwt_secret is {len(self.jwt_secret.encode())} bytes: an HS256 secret needs at least "
+                              f"{MIN_HS256_SECRET_BYTES} (256 bits, RFC 7518 section 3.2), or anyone can guess it "
+                              "offline from one token; make one with `openssl rand -base64 48`")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
         if not (self.broker == "memory" or self.broker.startswith(("redis://", "rediss://", "unix://"))):
-            raise ConfigError(f"broker = {self.broker!r}: expected memory or redis://host:port/db")
+            raise ConfigError(f"broker = {mask_url(self.broker)!r}: expected memory or redis://host:port/db")
         if self.workers > 1 and self.broker == "memory":
             raise ConfigError("workers > 1 needs a shared broker (--broker redis://...): "
                               "with the memory broker each worker would be a separate chat service")
@@ -159,22 +217,52 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         return {s.key: getattr(self, s.key) for s in SETTINGS}
 
+    def shown(self, key: str) -> Any:
+        """A setting's value as it may be printed: secrets masked (PROTOCOL.md section 9)."""
+        return BY_KEY[key].show(getattr(self, key))
+
+    def secret_values(self) -> list[str]:
+        """Every secret text in this configuration, as written and URL-decoded, for scrubbing output."""
+        found: list[str] = []
+        for setting in SETTINGS:
+            value = getattr(self, setting.key)
+            if setting.secret and value:
+                parts = _url_secrets(value) if setting.mask is mask_url else [value]
+                found.extend(part for raw in parts for part in {raw, unquote(raw)})
+        return found
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret of this configuration (MIN_SCRUBBED_CHARS or longer) replaced:
+        the last line of defence for log lines and error messages that quote a library's words."""
+        for secret in sorted(self.secret_values(), key=len, reverse=True):
+            if len(secret) >= MIN_SCRUBBED_CHARS and secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 SETTINGS: tuple[Setting, ...] = tuple(
     Setting(f.name, _TYPES[str(f.type).split(" ")[0]], f.default, f.metadata["help"],
-            f.metadata["minimum"], f.metadata["maximum"], f.metadata["choices"])
+            f.metadata["minimum"], f.metadata["maximum"], f.metadata["choices"], f.metadata["mask"])
     for f in dataclasses.fields(Config)
     if not f.metadata.get("internal")
 )
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 
-# Profiles change how gochat reports itself, never the protocol's limits (section 9).
+# Connections one address may hold in production: a NAT'd office of ~50 people on two
+# devices each fits, while one attacker's address holds at most 1% of the default
+# max_connections (10,000): filling a node takes 100 addresses, not one (docs/operations.md).
+PROD_MAX_CONNS_PER_IP = 100
+
+# Profiles change how gochat reports itself (section 9), with one exception: prod also caps
+# connections per address, the production default issue 11 asks for. The protocol's own
+# default stays 0 (no cap) for every other profile, and any layer above sets it back.
 PROFILES: dict[str, dict[str, Any]] = {
     "dev": {"log_level": "debug", "log_format": "text", "trace_connections": True},
     "test": {"log_level": "warning", "log_format": "text", "trace_connections": False},
     "staging": {"log_level": "info", "log_format": "json", "trace_connections": True},
-    "prod": {"log_level": "info", "log_format": "json", "trace_connections": False},
+    "prod": {"log_level": "info", "log_format": "json", "trace_connections": False,
+             "max_conns_per_ip": PROD_MAX_CONNS_PER_IP},
 }
 
 

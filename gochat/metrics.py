@@ -6,14 +6,20 @@ event, paid per message and per connection. Here an event costs an integer addit
 a custom collector turns the numbers into metric families when /metrics is read. A private
 registry keeps /metrics to gochat_* names only (the default one adds python_* and
 process_*). Gauges that mirror live state are read at scrape time through callbacks.
+
+Every label value known in advance (error codes, close reasons, rejection reasons) is
+exported at 0 from the start (PITFALLS.md, Prometheus): a series that appears only with its
+first event has no earlier sample, so ``rate()`` and the alerts on it miss that event.
 """
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from gochat.protocol import ERRORS
 
 
 class Count:
@@ -38,9 +44,15 @@ class CountBy:
 
     __slots__ = ("name", "doc", "label", "values")
 
-    def __init__(self, name: str, doc: str, label: str) -> None:
+    def __init__(self, name: str, doc: str, label: str, known: Iterable[str] = ()) -> None:
         self.name, self.doc, self.label = name, doc, label
-        self.values: dict[str, int] = {}
+        self.values: dict[str, int] = dict.fromkeys(known, 0)
+
+    def declare(self, label_values: Iterable[str]) -> None:
+        """Export these label values at 0 until they happen, for label sets this module cannot
+        import (conn.py's close reasons: conn.py imports this module)."""
+        for value in label_values:
+            self.values.setdefault(value, 0)
 
     def inc(self, label_value: str, amount: int = 1) -> None:
         self.values[label_value] = self.values.get(label_value, 0) + amount
@@ -76,6 +88,11 @@ class Buckets:
         return family
 
 
+# Why the admin HTTP server closed a connection before answering it (admin.py).
+ADMIN_REFUSALS = ("max_connections", "request_timeout", "bad_host")
+# Why the memory broker forgot a room with its history (broker/memory.py).
+ROOM_FORGET_REASONS = ("lru", "ttl")
+
 connections_accepted = Count("gochat_connections_accepted", "Connections accepted")
 connections_rejected = CountBy("gochat_connections_rejected", "Connections refused at accept", "reason")
 connections_closed = CountBy("gochat_connections_closed", "Connections closed, by close reason", "reason")
@@ -83,20 +100,22 @@ messages_in = CountBy("gochat_messages_in", "Requests received, by type", "type"
 deliveries = Count("gochat_deliveries", "Messages queued to clients")
 bytes_in = Count("gochat_bytes_in", "Bytes received from clients")
 bytes_out = Count("gochat_bytes_out", "Bytes sent to clients")
-errors_sent = CountBy("gochat_errors_sent", "Protocol errors sent, by code", "code")
+errors_sent = CountBy("gochat_errors_sent", "Protocol errors sent, by code", "code", ERRORS)
 rooms_forgotten = CountBy("gochat_rooms_forgotten", "Rooms the memory broker forgot with their history, by reason "
-                          "(lru: at max_rooms; ttl: idle for room_ttl)", "reason")
+                          "(lru: at max_rooms; ttl: idle for room_ttl)", "reason", ROOM_FORGET_REASONS)
 handler_exceptions = Count("gochat_handler_exceptions", "Unexpected exceptions in connection handlers")
 sessions_ended_at_cap = Count("gochat_sessions_ended_at_cap", "Sessions awaiting resume ended early by max_sessions")
 dms_rate_limited = Count("gochat_dms_rate_limited", "DMs refused over their recipient's dm_rate")
 heartbeat_rtt = Buckets("gochat_heartbeat_rtt_seconds", "Round trip of server pings",
                         (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+admin_refused = CountBy("gochat_admin_refused", "Admin HTTP connections or requests refused, by reason", "reason",
+                        ADMIN_REFUSALS)
 fanout_latency = Buckets("gochat_fanout_seconds", "From a msg's arrival to its fan-out being queued",
                          (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
 
 COUNTERS = (connections_accepted, connections_rejected, connections_closed, messages_in, deliveries, bytes_in,
             bytes_out, errors_sent, rooms_forgotten, handler_exceptions, sessions_ended_at_cap,
-            dms_rate_limited, heartbeat_rtt, fanout_latency)
+            dms_rate_limited, heartbeat_rtt, fanout_latency, admin_refused)
 _gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
 

@@ -113,14 +113,13 @@ class Supervisor:
                 self._kill_all()
                 return 1
         if self.config.admin_port:
-            from gevent.pywsgi import WSGIServer
+            from gochat.admin import AdminHTTP
 
-            self.admin = WSGIServer((self.config.admin_host, self.config.admin_port), self._admin_app, log=None,
-                                    error_log=log)
+            self.admin = AdminHTTP(self.config.admin_host, self.config.admin_port, self._admin_app)
             self.admin.start()
         admin = f"{self.config.admin_host}:{self.admin.address[1]}" if self.admin else "off"
         log.info("gochat listening on %s:%d (admin %s, broker %s, workers %d)", self.config.host, self.port, admin,
-                 self.config.broker, len(self.workers))
+                 self.config.shown("broker"), len(self.workers))
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._on_signal)
         watchers = [gevent.spawn(self._watch, worker) for worker in self.workers]
@@ -190,7 +189,7 @@ class Supervisor:
             totals = {key: sum(s.get(key, 0) for s in per_worker)
                       for key in ("connections", "sessions", "greenlets", "handler_greenlets", "parked_connections",
                                   "messages_in", "deliveries", "open_files")}
-            totals.update(rooms=max((s.get("rooms", 0) for s in per_worker), default=0),
+            totals.update(rooms=max((s.get("rooms") or 0 for s in per_worker), default=0),
                           uptime_s=max((s.get("uptime_s", 0) for s in per_worker), default=0), workers=per_worker)
             return _respond(start_response, "200 OK", json.dumps(totals).encode())
         return _respond(start_response, "404 Not Found", b'{"error": "not found"}')

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gochat.config import BY_KEY, PROFILES, SETTINGS, Config, ConfigError, load
+from gochat.config import BY_KEY, PROD_MAX_CONNS_PER_IP, PROFILES, SETTINGS, Config, ConfigError, load, mask_url
 
 # PROTOCOL.md section 9, the same for every profile.
 SECTION_9_DEFAULTS = {
@@ -37,6 +37,9 @@ SECTION_9_DEFAULTS = {
     "tls_key": None,
 }
 REPORTING_KEYS = {"log_level", "log_format", "trace_connections"}
+# The one limit a profile sets: prod caps connections per address (issue 11; docs/operations.md).
+PROFILE_LIMITS = {"prod": {"max_conns_per_ip": PROD_MAX_CONNS_PER_IP}}
+SECRET = "s3cret-for-config-tests-0123456789"  # an HS256 secret must be 32 bytes or more
 
 
 def write_toml(tmp_path, text):
@@ -103,13 +106,19 @@ def test_load_without_sources_gives_defaults_and_the_dev_profile():
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_profiles_change_reporting_never_protocol_limits(profile):
+def test_profiles_change_reporting_and_only_prod_caps_connections_per_address(profile):
     config = load(profile=profile, environ={})
-    assert set(PROFILES[profile]) <= REPORTING_KEYS
+    limits = PROFILE_LIMITS.get(profile, {})
+    assert set(PROFILES[profile]) <= REPORTING_KEYS | set(limits)
     for key, value in PROFILES[profile].items():
         assert getattr(config, key) == value
-    for key, value in SECTION_9_DEFAULTS.items():
+    for key, value in {**SECTION_9_DEFAULTS, **limits}.items():
         assert getattr(config, key) == value
+
+
+def test_the_prod_per_address_cap_can_be_set_back():
+    assert load(profile="prod", environ={"GOCHAT_MAX_CONNS_PER_IP": "0"}).max_conns_per_ip == 0
+    assert load(profile="prod", environ={}).sources["max_conns_per_ip"] == "profile prod"
 
 
 def test_unknown_profile():
@@ -173,12 +182,12 @@ def test_zero_turns_features_off_and_is_accepted():
 
 
 def test_toml_file_values_keep_their_types(tmp_path):
-    path = write_toml(tmp_path, 'heartbeat = 2\nrate = 100\nauth = "jwt"\njwt_secret = "s3cret"\n'
+    path = write_toml(tmp_path, f'heartbeat = 2\nrate = 100\nauth = "jwt"\njwt_secret = "{SECRET}"\n'
                                 "trace_connections = true\nmax_frame_bytes = 4096\n")
     config = load(config_file=path, environ={})
     assert config.heartbeat == 2.0 and type(config.heartbeat) is float
     assert config.rate == 100.0
-    assert (config.auth, config.jwt_secret) == ("jwt", "s3cret")
+    assert (config.auth, config.jwt_secret) == ("jwt", SECRET)
     assert config.trace_connections is True
     assert config.max_frame_bytes == 4096
 
@@ -325,12 +334,13 @@ def test_bad_relations(settings, fragment):
 def test_bad_relation_assembled_from_two_layers(tmp_path):
     path = write_toml(tmp_path, 'auth = "jwt"\n')
     assert "jwt_secret" in config_error(config_file=path)
-    config = load(config_file=path, environ={"GOCHAT_JWT_SECRET": "s3cret"})
-    assert (config.auth, config.jwt_secret) == ("jwt", "s3cret")
+    config = load(config_file=path, environ={"GOCHAT_JWT_SECRET": SECRET})
+    assert (config.auth, config.jwt_secret) == ("jwt", SECRET)
 
 
 @pytest.mark.parametrize("settings", [
-    {"auth": "jwt", "jwt_secret": "s"},
+    {"auth": "jwt", "jwt_secret": SECRET},
+    {"auth": "jwt", "jwt_secret": "x" * 32},
     {"auth": "jwt", "jwt_public_key": "/k.pem", "jwt_audience": "chat"},
     {"tls_cert": "/c.pem", "tls_key": "/k.pem"},
     {"broker": "redis://localhost:6379/0", "workers": 4},
@@ -346,3 +356,42 @@ def test_good_relations(settings):
 def test_replace_revalidates():
     with pytest.raises(ConfigError):
         Config().replace(auth="jwt")
+
+
+# ---------------------------------------------------------------- secrets (PROTOCOL.md section 9)
+
+
+@pytest.mark.parametrize("secret", ["x", "s3cret", "x" * 31, "é" * 15])  # 30 bytes in UTF-8
+def test_a_weak_hs256_secret_is_refused_naming_the_key_not_the_secret(secret):
+    message = config_error(environ={"GOCHAT_AUTH": "jwt", "GOCHAT_JWT_SECRET": secret})
+    assert f"jwt_secret is {len(secret.encode())} bytes" in message and "at least 32" in message
+    assert secret not in message.split("bytes", 1)[1]
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("redis://gochat:p%40ss:word@cache/1", "redis://gochat:***@cache/1"),
+    ("rediss://cache:6380/0?password=pw&ssl_cert_reqs=none", "rediss://cache:6380/0?password=***&ssl_cert_reqs=none"),
+    ("unix://:pw@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
+    ("redis://cache:6379/0", "redis://cache:6379/0"),
+    ("redis://gochat@cache:6379/0", "redis://gochat@cache:6379/0"),  # a user name alone is no secret
+    ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ("memory", "memory"),
+])
+def test_broker_urls_are_shown_with_the_password_masked(url, shown):
+    assert mask_url(url) == shown
+    assert Config(broker=url).shown("broker") == shown
+
+
+def test_secret_settings_are_declared_once_and_masked_everywhere():
+    assert {s.key for s in SETTINGS if s.secret} == {"jwt_secret", "broker"}
+    config = Config(jwt_secret=SECRET, broker="redis://:a-long-redis-password@cache:6379/0")
+    assert config.shown("jwt_secret") == "***" and config.shown("port") == 9000
+    line = f"auth with {SECRET} to redis://:a-long-redis-password@cache:6379/0 failed"
+    assert config.scrub(line) == "auth with *** to redis://:***@cache:6379/0 failed"
+    assert Config().secret_values() == [] and Config().shown("jwt_secret") is None
+
+
+def test_errors_about_a_secret_setting_do_not_quote_it():
+    message = config_error(flags={"broker": "http://:hunter2@cache"})
+    assert "hunter2" not in message and "http://:***@cache" in message

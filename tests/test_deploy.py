@@ -273,6 +273,7 @@ def test_k8s_manifests():
     config = load("prod", environ=env)
     assert config.admin_host == "0.0.0.0", "probes come from outside the pod: the admin port must not be loopback"
     assert config.broker.startswith("redis://"), "replicas need a shared broker"
+    assert 0 < config.max_conns_per_ip < config.max_connections, "one address must not fill a pod"
 
     deployment = objects["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
@@ -301,6 +302,8 @@ def test_k8s_manifests():
 
     service = objects["Service"]
     assert service["spec"]["selector"].items() <= labels.items()
+    # the per-address cap needs the clients' own addresses, not a node's (SNAT)
+    assert service["spec"]["externalTrafficPolicy"] == "Local"
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["chat"], "only the chat port is exposed"
     pdb = objects["PodDisruptionBudget"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -334,6 +337,7 @@ def test_systemd_unit():
     assert service["Restart"] == "on-failure"
     assert float(service["TimeoutStopSec"]) > config.drain_timeout + TEARDOWN_S
     assert int(service["LimitNOFILE"]) >= config.max_connections + 100
+    assert 0 < config.max_conns_per_ip < config.max_connections, "one address must not fill the node"
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert "gochat serve" in service["ExecStart"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"

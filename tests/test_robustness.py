@@ -84,7 +84,9 @@ def gget(server: ServerProcess, path: str, timeout: float = 5.0) -> tuple[int, A
 
 
 def stats(server: ServerProcess) -> dict:
-    return gget(server, "/stats")[1]
+    """/stats?walk=1: greenlets counted by a GC walk and descriptors by listing them, so that
+    "leaves nothing behind" also catches what the server's own bookkeeping would not see."""
+    return gget(server, "/stats?walk=1")[1]
 
 
 def metrics(server: ServerProcess) -> dict[str, float]:

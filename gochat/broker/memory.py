@@ -33,7 +33,6 @@ from gochat.protocol import Outgoing
 TTL_SWEEPS_PER_TTL = 10
 TTL_SWEEP_MIN_INTERVAL = 0.05
 TTL_SWEEP_BATCH = 1000  # rooms forgotten per loop turn: a mass expiry yields to the connections in between
-FORGET_REASONS = ("lru", "ttl")  # the labels of gochat_rooms_forgotten
 
 
 class RoomLog:
@@ -65,8 +64,6 @@ class MemoryBroker(Broker):
         self._listener: Listener | None = None
         self._dm_rates = RecipientRates(config.dm_rate, config.dm_burst)  # take_dm_token
         self._sweeper: gevent.Greenlet | None = None
-        for reason in FORGET_REASONS:
-            metrics.rooms_forgotten.inc(reason, 0)  # exported at zero before the first event
 
     def start(self, listener: Listener) -> None:
         self._listener = listener

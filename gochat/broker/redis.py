@@ -50,7 +50,7 @@ import ujson
 from redis.backoff import ExponentialWithJitterBackoff
 
 from gochat.broker import NO_EPOCH, AlreadyAcked, Broker, BrokerUnavailable, Listener, RoomPosition, SessionRecord
-from gochat.config import Config
+from gochat.config import Config, mask_url
 from gochat.protocol import Outgoing
 
 log = logging.getLogger("gochat.broker.redis")
@@ -294,7 +294,7 @@ class RedisBroker(Broker):
             self.redis.ping()
             self._up = True
         except REDIS_ERRORS as exc:
-            log.warning("redis at %s unreachable at start (%s); retrying in the background", self.url, exc)
+            log.warning("redis at %s unreachable at start (%s); retrying in the background", mask_url(self.url), exc)
         self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._refresh_loop)]
 
     def stop(self) -> None:
