@@ -61,8 +61,10 @@ from gochat.protocol import (
     Rooms,
     Who,
     encode,
+    encode_history,
     parse_request,
     parse_text_line,
+    within_budget,
 )
 from gochat.heartbeat import Heartbeat
 from gochat.limits import TokenBucket
@@ -446,6 +448,12 @@ class Connection:
 
     def _join(self, request: Join) -> None:
         joined, replay = self.hub.join(self.session, request.room, request.since)
+        # The replay follows joined, so joined says whether it was cut: the client then asks
+        # history from the last seq the replay gave it (docs/protocol.md, history budget).
+        replay, more = within_budget(replay, self.codec, self.config.max_history_bytes)
+        if more:
+            joined["more"] = True
+            metrics.history_cut.inc()
         if request.id is not None:
             joined["id"] = request.id
         self.send_batch([encode(joined, self.codec)] + [out.encoded(self.codec) for out in replay])
@@ -469,8 +477,15 @@ class Connection:
         self.reply(request.id, {"type": "rooms", "rooms": self.hub.rooms()})
 
     def _history(self, request: History) -> None:
-        messages = self.hub.history(request.room, request.since, request.limit)
-        self.reply(request.id, {"type": "history", "room": request.room, "messages": messages})
+        epoch, outs = self.hub.history(request.room, request.since, request.limit)
+        outs, more = within_budget(outs, self.codec, self.config.max_history_bytes)
+        reply: dict[str, Any] = {"type": "history", "room": request.room, "epoch": epoch}
+        if more:
+            reply["more"] = True
+            metrics.history_cut.inc()
+        if request.id is not None:
+            reply["id"] = request.id
+        self._enqueue(encode_history(reply, outs, self.codec))
 
     def _ping(self, request: Ping) -> None:
         reply: dict[str, Any] = {"type": "pong"}

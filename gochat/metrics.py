@@ -89,9 +89,10 @@ heartbeat_rtt = Buckets("gochat_heartbeat_rtt_seconds", "Round trip of server pi
                         (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 fanout_latency = Buckets("gochat_fanout_seconds", "From a msg's arrival to its fan-out being queued",
                          (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+history_cut = Count("gochat_history_cut", "history replies and join replays cut by max_history_bytes (more: true)")
 
 COUNTERS = (connections_accepted, connections_rejected, connections_closed, messages_in, deliveries, bytes_in,
-            bytes_out, errors_sent, handler_exceptions, heartbeat_rtt, fanout_latency)
+            bytes_out, errors_sent, handler_exceptions, heartbeat_rtt, fanout_latency, history_cut)
 _gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
 
