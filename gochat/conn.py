@@ -25,11 +25,18 @@ that writer writes, never both: one writer per socket at any time.
 
 Output accounting, one rule for every byte (PROTOCOL.md section 6): ``owed`` is what the
 connection was given and the kernel has not taken, in the outbox or still held by the
-writer greenlet. Before anything more is queued, ``owed`` past ``max_outbound_bytes`` makes
-a slow consumer; so one message always fits, however large, and the cap bounds what piles
-up behind it. A writer that makes no progress for ``idle_timeout`` is a slow consumer too
-(Go's ``SetWriteDeadline``): a client that sends but does not read is not kept alive by
-its own pongs.
+writer greenlet. Past ``max_outbound_bytes``:
+
+- the client's own requests wait (backpressure, as a Go handler blocked in ``Write`` reads
+  nothing more): the reader serves the next one only once the writer has written the
+  backlog, so replies never pile up past the cap, however many requests were pipelined;
+- anything else queued for it (a broadcast, a DM, presence, a ping) makes it a slow
+  consumer: it is closed. So one message always fits, however large, and a connection
+  holds at most ``max_outbound_bytes`` plus one message.
+
+A writer that makes no progress for ``idle_timeout`` is a slow consumer too (Go's
+``SetWriteDeadline``): a client that sends but does not read is not kept alive by its own
+pongs.
 
 Connection states (one table, below): HANDSHAKE (codec unknown) -> GREETING (codec known,
 no session) -> SESSION -> DRAINING (server shutdown) -> CLOSED. Any state may close.
@@ -333,14 +340,16 @@ class Connection:
         """The server's ticker calls this (Go: a time.Ticker plus SetReadDeadline): ping or time out.
 
         The write deadline comes first: a blocked writer that made no progress for
-        ``idle_timeout`` is a slow consumer, whatever the client sends meanwhile.
+        ``idle_timeout`` is a slow consumer, whatever the client sends meanwhile, and a
+        connection already closing does not wait longer than that for its last bytes.
         """
-        if self.close_reason is not None:
-            return
         if self._writer is not None and self._write_stalled(now):
-            self._overflow()
+            if self.close_reason is None:
+                self._overflow()
+            else:  # closing, and what it still owes cannot go out: end the wait for it
+                self._abort_socket()
             return
-        if now < self._next_deadline():
+        if self.close_reason is not None or now < self._next_deadline():
             return
         cfg = self.config
         if self.state is State.HANDSHAKE:  # no codec yet: closed silently (section 1)
@@ -366,6 +375,9 @@ class Connection:
             if self._served > FAIR_SHARE:
                 self._served = 0
                 gevent.sleep(0)  # everyone else's turn (and the flusher's), then on with this input
+            if self.owed > self.config.max_outbound_bytes:
+                self._await_output_room()
+                continue
             try:
                 event = decoder.next_event()
             except ProtocolError as exc:
@@ -380,6 +392,23 @@ class Connection:
                 self._on_event(event)
             except ProtocolError as exc:
                 self.fail(exc)
+
+    def _await_output_room(self) -> None:
+        """Backpressure: the next request waits until the backlog is written (module docstring).
+
+        First what is ready goes to the kernel. If the cap is still passed, the wait ends
+        when the writer exits: its backlog written, or the connection closed (slow consumer,
+        write deadline, or ``_wake_reader``, which then shuts the write side too). With no
+        writer, the rest sits behind a feed of this turn and waits for the turn's flush.
+        """
+        if self._writer is None:
+            self._write(self.outbox.take_ready())
+        if self.owed <= self.config.max_outbound_bytes:
+            return
+        if self._writer is not None:
+            self._writer.join()
+        else:
+            gevent.sleep(0)
 
     def _codec_known(self) -> None:
         if self.state is State.HANDSHAKE and self.decoder.codec is not None:
@@ -575,8 +604,10 @@ class Connection:
     def _enqueue(self, data: bytes) -> None:
         """Queue ``data`` unless what is already owed passed the cap: then this is a slow consumer.
 
-        Before judging, what is ready goes to the kernel (if no writer holds the socket): a
-        client that reads is not cut off for replies of one turn that the kernel takes at once.
+        A reply gets here owing at most the cap (the reader waited: ``_await_output_room``);
+        what others send does not wait. Before judging, what is ready goes to the kernel (if
+        no writer holds the socket), so a client that reads is not cut off for what one turn
+        queued for it and the kernel takes at once.
         """
         if not data or self.state is State.CLOSED or self.close_reason is CloseReason.SLOW_CONSUMER:
             return
@@ -708,8 +739,15 @@ class Connection:
         self._wake_reader()
 
     def _wake_reader(self) -> None:
+        """Shut the read side: a reader in ``recv``, or a parked connection, wakes at once.
+
+        A reader waiting for its writer (backpressure, only while the cap is passed) wakes
+        when the writer fails, so then the write side is shut too: a connection that ends
+        owing more than the cap is not flushed, as a slow consumer is not.
+        """
+        how = socket.SHUT_RDWR if self.owed > self.config.max_outbound_bytes else socket.SHUT_RD
         try:
-            self.sock.shutdown(socket.SHUT_RD)
+            self.sock.shutdown(how)
         except OSError:
             pass
 
