@@ -22,6 +22,7 @@ from gevent.lock import Semaphore
 from gevent.queue import Queue
 
 from gochat.protocol import (
+    DEFAULT_HISTORY_LIMIT,
     FRAME_MAGIC,
     NEED_DATA,
     Codec,
@@ -245,11 +246,25 @@ class Client:
     def rooms(self) -> list[dict]:
         return self.request({"type": "rooms"})["rooms"]
 
-    def history(self, room: str, since: int = 0, limit: int | None = None) -> list[dict]:
-        message: dict[str, Any] = {"type": "history", "room": room, "since": since}
-        if limit is not None:
-            message["limit"] = limit
-        return self.request(message)["messages"]
+    def history(self, room: str, since: int = 0, limit: int | None = None, pages: bool = True) -> list[dict]:
+        """The first ``limit`` retained msgs after ``since`` (the server's default: 100).
+
+        A reply cut by the server's byte budget says ``more``; with ``pages`` this asks again
+        from the last seq it got until it has ``limit`` msgs or the room has no more. A page
+        of another epoch ends the paging: its seqs do not continue the earlier ones.
+        """
+        wanted = DEFAULT_HISTORY_LIMIT if limit is None else limit
+        messages: list[dict] = []
+        epoch = None
+        while True:
+            reply = self.request({"type": "history", "room": room, "since": since, "limit": wanted - len(messages)})
+            if epoch is not None and reply.get("epoch") != epoch:
+                return messages
+            epoch = reply.get("epoch")
+            messages += reply["messages"]
+            if not (pages and reply.get("more") and reply["messages"] and len(messages) < wanted):
+                return messages
+            since = reply["messages"][-1]["seq"]
 
     def ping(self, ts: Any = 0) -> dict:
         return self.request({"type": "ping", "ts": ts})

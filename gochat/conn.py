@@ -23,6 +23,21 @@ event-loop turn the :class:`Flusher` writes every dirty outbox with one non-bloc
 writer greenlet exist, and it exits once the backlog is written. Either the flusher or
 that writer writes, never both: one writer per socket at any time.
 
+Output accounting, one rule for every byte (PROTOCOL.md section 6): ``owed`` is what the
+connection was given and the kernel has not taken, in the outbox or still held by the
+writer greenlet. Past ``max_outbound_bytes``:
+
+- the client's own requests wait (backpressure, as a Go handler blocked in ``Write`` reads
+  nothing more): the reader serves the next one only once the writer has written the
+  backlog, so replies never pile up past the cap, however many requests were pipelined;
+- anything else queued for it (a broadcast, a DM, presence, a ping) makes it a slow
+  consumer: it is closed. So one message always fits, however large, and a connection
+  holds at most ``max_outbound_bytes`` plus one message.
+
+A writer that makes no progress for ``idle_timeout`` is a slow consumer too (Go's
+``SetWriteDeadline``): a client that sends but does not read is not kept alive by its own
+pongs.
+
 Connection states (one table, below): HANDSHAKE (codec unknown) -> GREETING (codec known,
 no session) -> SESSION -> DRAINING (server shutdown) -> CLOSED. Any state may close.
 """
@@ -61,8 +76,10 @@ from gochat.protocol import (
     Rooms,
     Who,
     encode,
+    encode_history,
     parse_request,
     parse_text_line,
+    within_budget,
 )
 from gochat.heartbeat import Heartbeat
 from gochat.limits import TokenBucket
@@ -182,8 +199,8 @@ class Connection:
     # measures memory per connection).
     __slots__ = ("config", "hub", "flusher", "spawn", "on_closed", "sock", "address", "opened", "state", "codec",
                  "session", "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "pings_sent",
-                 "heartbeat", "outbox", "_flush_scheduled", "_writer", "_greenlet", "_nonblocking",
-                 "_parking", "_served")
+                 "heartbeat", "outbox", "_flush_scheduled", "_writer", "_unsent", "_progress", "_greenlet",
+                 "_nonblocking", "_parking", "_served")
 
     def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub, flusher: Flusher,
                  spawn: Callable[[Callable[[], None]], Greenlet], on_closed: Callable[["Connection"], None],
@@ -212,6 +229,8 @@ class Connection:
         self.outbox = Outbox(None)
         self._flush_scheduled = False
         self._writer: Greenlet | None = None
+        self._unsent = 0  # bytes the writer greenlet holds that the kernel has not taken
+        self._progress = 0.0  # when the writer last got bytes into the kernel (the write deadline)
         self._greenlet: Greenlet | None = None  # the reader while one runs; None while parked
         # A plain TCP socket can be written without blocking from the flusher, and read
         # without blocking, which is what lets the reader park; TLS can do neither (a record
@@ -318,7 +337,18 @@ class Connection:
         return deadline
 
     def check_deadlines(self, now: float) -> None:
-        """The server's ticker calls this (Go: a time.Ticker plus SetReadDeadline): ping or time out."""
+        """The server's ticker calls this (Go: a time.Ticker plus SetReadDeadline): ping or time out.
+
+        The write deadline comes first: a blocked writer that made no progress for
+        ``idle_timeout`` is a slow consumer, whatever the client sends meanwhile, and a
+        connection already closing does not wait longer than that for its last bytes.
+        """
+        if self._writer is not None and self._write_stalled(now):
+            if self.close_reason is None:
+                self._overflow()
+            else:  # closing, and what it still owes cannot go out: end the wait for it
+                self._abort_socket()
+            return
         if self.close_reason is not None or now < self._next_deadline():
             return
         cfg = self.config
@@ -335,6 +365,9 @@ class Connection:
             self.pings_sent = self.pings_sent[-(PINGS_REMEMBERED - 1):] + [ts]
             self.send({"type": "ping", "ts": ts})
 
+    def _write_stalled(self, now: float) -> bool:
+        return self.config.idle_timeout > 0 and now >= self._progress + self.heartbeat.idle_timeout
+
     def _process_input(self) -> None:
         decoder = self.decoder
         while self.close_reason is None:
@@ -342,6 +375,9 @@ class Connection:
             if self._served > FAIR_SHARE:
                 self._served = 0
                 gevent.sleep(0)  # everyone else's turn (and the flusher's), then on with this input
+            if self.owed > self.config.max_outbound_bytes:
+                self._await_output_room()
+                continue
             try:
                 event = decoder.next_event()
             except ProtocolError as exc:
@@ -356,6 +392,23 @@ class Connection:
                 self._on_event(event)
             except ProtocolError as exc:
                 self.fail(exc)
+
+    def _await_output_room(self) -> None:
+        """Backpressure: the next request waits until the backlog is written (module docstring).
+
+        First what is ready goes to the kernel. If the cap is still passed, the wait ends
+        when the writer exits: its backlog written, or the connection closed (slow consumer,
+        write deadline, or ``_wake_reader``, which then shuts the write side too). With no
+        writer, the rest sits behind a feed of this turn and waits for the turn's flush.
+        """
+        if self._writer is None:
+            self._write(self.outbox.take_ready())
+        if self.owed <= self.config.max_outbound_bytes:
+            return
+        if self._writer is not None:
+            self._writer.join()
+        else:
+            gevent.sleep(0)
 
     def _codec_known(self) -> None:
         if self.state is State.HANDSHAKE and self.decoder.codec is not None:
@@ -450,6 +503,12 @@ class Connection:
 
     def _join(self, request: Join) -> None:
         joined, replay = self.hub.join(self.session, request.room, request.since)
+        # The replay follows joined, so joined says whether it was cut: the client then asks
+        # history from the last seq the replay gave it (docs/protocol.md, history budget).
+        replay, more = within_budget(replay, self.codec, self.config.max_history_bytes)
+        if more:
+            joined["more"] = True
+            metrics.history_cut.inc()
         if request.id is not None:
             joined["id"] = request.id
         self.send_batch([encode(joined, self.codec)] + [out.encoded(self.codec) for out in replay])
@@ -480,8 +539,15 @@ class Connection:
         self.reply(request.id, {"type": "rooms", "rooms": self.hub.rooms()})
 
     def _history(self, request: History) -> None:
-        messages = self.hub.history(request.room, request.since, request.limit)
-        self.reply(request.id, {"type": "history", "room": request.room, "messages": messages})
+        epoch, outs = self.hub.history(request.room, request.since, request.limit)
+        outs, more = within_budget(outs, self.codec, self.config.max_history_bytes)
+        reply: dict[str, Any] = {"type": "history", "room": request.room, "epoch": epoch}
+        if more:
+            reply["more"] = True
+            metrics.history_cut.inc()
+        if request.id is not None:
+            reply["id"] = request.id
+        self._enqueue(encode_history(reply, outs, self.codec))
 
     def _ping(self, request: Ping) -> None:
         reply: dict[str, Any] = {"type": "pong"}
@@ -506,6 +572,11 @@ class Connection:
 
     # ------------------------------------------------------------ output (never blocks)
 
+    @property
+    def owed(self) -> int:
+        """Bytes given to this connection that the kernel has not taken (the module docstring's rule)."""
+        return self.outbox.size + self._unsent
+
     def reply(self, request_id: Any, message: dict) -> None:
         if request_id is not None and message.get("type") != "ack":
             message["id"] = request_id
@@ -515,13 +586,12 @@ class Connection:
         self._enqueue(encode(message, self.codec))
 
     def send_batch(self, chunks: list[bytes]) -> None:
-        """Several messages as one buffer entry: a long replay is one unit, not a slow consumer."""
+        """Several messages as one unit (a joined and its replay): they count as one message."""
         self._enqueue(b"".join(chunks))
 
     def deliver(self, out: Outgoing) -> None:
         """Called by the hub for a message to this connection alone: buffer it, never wait."""
-        if self.close_reason is not CloseReason.SLOW_CONSUMER:
-            self._enqueue(out.encoded(self.codec))
+        self._enqueue(out.encoded(self.codec))
 
     def follow(self, feed: RoomFeed) -> None:
         """Called by the hub: this connection gets the room feed's messages from now on."""
@@ -543,21 +613,34 @@ class Connection:
                 self._wake_reader()  # the ticker or another connection's greenlet noticed
 
     def _enqueue(self, data: bytes) -> None:
-        if data and self.state is not State.CLOSED:
-            self.outbox.add(data)
-            self._schedule()
+        """Queue ``data`` unless what is already owed passed the cap: then this is a slow consumer.
+
+        A reply gets here owing at most the cap (the reader waited: ``_await_output_room``);
+        what others send does not wait. Before judging, what is ready goes to the kernel (if
+        no writer holds the socket), so a client that reads is not cut off for what one turn
+        queued for it and the kernel takes at once.
+        """
+        if not data or self.state is State.CLOSED or self.close_reason is CloseReason.SLOW_CONSUMER:
+            return
+        cap = self.config.max_outbound_bytes
+        if self.owed > cap:
+            if self._writer is None:
+                self._write(self.outbox.take_ready())
+            if self.owed > cap:
+                self._overflow()
+                return
+        self.outbox.add(data)
+        self._schedule()
 
     def _schedule(self) -> None:
-        if self._writer is not None and self.outbox.size > self.config.max_outbound_bytes:
-            self._overflow()
-        elif not self._flush_scheduled:
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             self.flusher.schedule(self)
 
     def _overflow(self) -> None:
         """Slow consumer: drop the backlog and close (nats queueOutbound, gorilla's default case).
 
-        It only happens while the kernel's buffer is full in the middle of a write, so the
+        It only happens while the kernel's buffer is full, in the middle of a write, so the
         slow_consumer error cannot be appended without corrupting that write: it is counted
         and logged as the close reason instead.
         """
@@ -569,18 +652,21 @@ class Connection:
     def flush(self) -> None:
         """Write what is pending without blocking; the Flusher calls this once per loop turn.
 
-        While a writer greenlet owns the socket, only count what piled up behind it: more
-        than ``max_outbound_bytes`` waiting there makes a slow consumer.
+        While a writer greenlet owns the socket it writes everything, in order; here the
+        turn's broadcasts only become bytes (their feeds are sealed now) and are counted.
         """
         self._flush_scheduled = False
         if self.state is State.CLOSED or not self.outbox:
             return
         if self._writer is not None:
             self.outbox.materialize()
-            if self.outbox.size > self.config.max_outbound_bytes:
+            if self.owed > self.config.max_outbound_bytes:
                 self._overflow()
             return
-        data = self.outbox.take()
+        self._write(self.outbox.take())
+
+    def _write(self, data: bytes) -> None:
+        """Give ``data`` to the kernel without blocking; a writer greenlet takes what it refuses."""
         if not data:
             return
         sent = 0
@@ -595,21 +681,35 @@ class Connection:
                 return
         metrics.bytes_out.inc(sent)
         if sent < len(data):
-            self._writer = gevent.spawn(self._write_backlog, data[sent:])
+            self._unsent = len(data) - sent
+            self._progress = time.monotonic()
+            self._writer = gevent.spawn(self._write_backlog, memoryview(data)[sent:])
 
-    def _write_backlog(self, data: bytes) -> None:
-        """The writer greenlet: exists only while the kernel buffer is full, then exits."""
+    def _write_backlog(self, data: memoryview) -> None:
+        """The writer greenlet: exists only while the kernel buffer is full, then exits.
+
+        ``send``, not ``sendall``: each step of progress is counted (``owed``) and timed
+        (the write deadline). Open cursors are left for the turn's flush (Outbox.take_ready).
+        """
+        send = self.sock.send
         try:
             while data:
-                self.sock.sendall(data)
-                metrics.bytes_out.inc(len(data))
-                data = self.outbox.take() if self.outbox else b""
+                sent = send(data)
+                data = data[sent:]
+                self._unsent -= sent
+                self._progress = time.monotonic()
+                metrics.bytes_out.inc(sent)
+                if not data:
+                    ready = self.outbox.take_ready()
+                    self._unsent = len(ready)
+                    data = memoryview(ready)
         except OSError:
             self.outbox.clear()
             self.close_reason = self.close_reason or CloseReason.IO_ERROR
             self._abort_socket()
         finally:
             self._writer = None
+            self._unsent = 0
 
     def _abort_socket(self) -> None:
         """Wake the reader at once: gevent cancels its wait when the socket is shut down."""
@@ -650,8 +750,15 @@ class Connection:
         self._wake_reader()
 
     def _wake_reader(self) -> None:
+        """Shut the read side: a reader in ``recv``, or a parked connection, wakes at once.
+
+        A reader waiting for its writer (backpressure, only while the cap is passed) wakes
+        when the writer fails, so then the write side is shut too: a connection that ends
+        owing more than the cap is not flushed, as a slow consumer is not.
+        """
+        how = socket.SHUT_RDWR if self.owed > self.config.max_outbound_bytes else socket.SHUT_RD
         try:
-            self.sock.shutdown(socket.SHUT_RD)
+            self.sock.shutdown(how)
         except OSError:
             pass
 

@@ -422,10 +422,16 @@ class Hub:
     def rooms(self) -> list[dict]:
         return self.broker.rooms()
 
-    def history(self, room: str, since: int, limit: int | None) -> list[dict]:
-        """Limit defaults to 100 and is capped at ``history_size``: more is never retained."""
+    def history(self, room: str, since: int, limit: int | None) -> tuple[str, list[Outgoing]]:
+        """The room's epoch and its retained msgs after ``since``, as the shared ``Outgoing``s.
+
+        Limit defaults to 100 and is capped at ``history_size``: more is never retained. The
+        messages are returned, not their dicts, so the reply is spliced from the encodings
+        live delivery already made (the connection cuts it to ``max_history_bytes``).
+        """
         limit = min(DEFAULT_HISTORY_LIMIT if limit is None else limit, max(1, self.history_size))
-        return [out.message for out in self.broker.history(room, since, limit)]
+        outs = self.broker.history(room, since, limit)
+        return self.broker.room_seq(room).epoch, outs
 
     # ------------------------------------------------------------ from the broker
 

@@ -112,10 +112,11 @@ admin_refused = CountBy("gochat_admin_refused", "Admin HTTP connections or reque
                         ADMIN_REFUSALS)
 fanout_latency = Buckets("gochat_fanout_seconds", "From a msg's arrival to its fan-out being queued",
                          (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+history_cut = Count("gochat_history_cut", "history replies and join replays cut by max_history_bytes (more: true)")
 
 COUNTERS = (connections_accepted, connections_rejected, connections_closed, messages_in, deliveries, bytes_in,
             bytes_out, errors_sent, rooms_forgotten, handler_exceptions, sessions_ended_at_cap,
-            dms_rate_limited, heartbeat_rtt, fanout_latency, admin_refused)
+            dms_rate_limited, heartbeat_rtt, fanout_latency, admin_refused, history_cut)
 _gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
 

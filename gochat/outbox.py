@@ -111,6 +111,27 @@ class Outbox:
         self.size = 0
         return data
 
+    def take_ready(self) -> bytes:
+        """What can be written before the turn ends: everything ahead of the first open cursor.
+
+        An open cursor's feed may still grow in this turn; resolving it now would lose the
+        turn's later msgs for this connection. It stays, with what follows it, for the
+        turn's flush (the feed is sealed by then).
+        """
+        items = self.items
+        end = len(items)
+        if self._open:
+            end = next(i for i, item in enumerate(items) if type(item) is Cursor and item.end is None)
+        chunks = []
+        for item in items[:end]:
+            if type(item) is Cursor:
+                chunks.append(item.resolve(self.codec))
+            else:
+                chunks.append(item)
+                self.size -= len(item)
+        del items[:end]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def clear(self) -> None:
         self.items.clear()
         self._open.clear()

@@ -315,7 +315,8 @@ class Outgoing:
     """A server message shared by many recipients: encoded at most once per codec.
 
     Treat it as immutable once built; the hub fans the same object out to every member and
-    keeps it in history, so a broadcast to a thousand json clients costs one ``ujson.dumps``.
+    keeps it in history, so a broadcast to a thousand json clients costs one ``ujson.dumps``,
+    and a ``history`` reply or a replay reuses those bytes instead of encoding again.
     """
 
     __slots__ = ("message", "_encoded")
@@ -329,6 +330,54 @@ class Outgoing:
         if data is None:
             data = self._encoded[codec] = ENCODERS[codec](self.message)
         return data
+
+    def json_object(self) -> memoryview:
+        """The message's JSON object alone, cut from an encoding already made when there is one.
+
+        A json line is the object plus ``\n``, a frame is a header plus the object: either
+        serves (a view, not a copy), so a room whose members all use frames is not encoded
+        a second time for a json client's ``history``.
+        """
+        data = self._encoded.get(Codec.JSON)
+        if data is not None:
+            return memoryview(data)[:-1]
+        data = self._encoded.get(Codec.FRAMES)
+        if data is not None:
+            return memoryview(data)[FRAME_HEADER.size:]
+        return memoryview(self.encoded(Codec.JSON))[:-1]
+
+
+def within_budget(outs: list[Outgoing], codec: Codec, budget: int) -> tuple[list[Outgoing], bool]:
+    """The leading ``outs`` whose encodings in ``codec`` hold at most ``budget`` bytes, and
+    whether any were left out (the reply's ``"more": true``, PROTOCOL.md section 3).
+
+    The first message is always included, however large: a client paging with ``since``
+    always progresses. Sizes are the cached encodings live delivery uses, so measuring
+    costs no encoding either.
+    """
+    total = 0
+    for count, out in enumerate(outs):
+        total += len(out.encoded(codec))
+        if total > budget and count:
+            return outs[:count], True
+    return outs, False
+
+
+def encode_history(reply: dict, outs: list[Outgoing], codec: Codec) -> bytes:
+    """``reply`` (a ``history`` without its messages) with ``"messages"`` spliced from ``outs``.
+
+    The bytes equal ``encode({**reply, "messages": [out.message for out in outs]}, codec)``
+    (``messages`` last), but each message is the JSON already made for live delivery: a
+    reply costs one small ``ujson.dumps`` and a join, however big its messages are. Text
+    mode shows a history as its messages' lines, which are the cached text encodings.
+    """
+    if codec is Codec.TEXT:
+        return b"".join([out.encoded(codec) for out in outs])
+    head = ujson.dumps(reply, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8")
+    body = b"".join([head[:-1], b',"messages":[', b",".join([out.json_object() for out in outs]), b"]}"])
+    if codec is Codec.JSON:
+        return body + b"\n"
+    return FRAME_HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
 # ---------------------------------------------------------------- requests
