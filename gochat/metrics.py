@@ -85,13 +85,14 @@ bytes_in = Count("gochat_bytes_in", "Bytes received from clients")
 bytes_out = Count("gochat_bytes_out", "Bytes sent to clients")
 errors_sent = CountBy("gochat_errors_sent", "Protocol errors sent, by code", "code")
 handler_exceptions = Count("gochat_handler_exceptions", "Unexpected exceptions in connection handlers")
+tls_handshake_failures = Count("gochat_tls_handshake_failures", "Failed TLS handshakes (not TLS, too old, peer gone)")
 heartbeat_rtt = Buckets("gochat_heartbeat_rtt_seconds", "Round trip of server pings",
                         (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 fanout_latency = Buckets("gochat_fanout_seconds", "From a msg's arrival to its fan-out being queued",
                          (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
 
 COUNTERS = (connections_accepted, connections_rejected, connections_closed, messages_in, deliveries, bytes_in,
-            bytes_out, errors_sent, handler_exceptions, heartbeat_rtt, fanout_latency)
+            bytes_out, errors_sent, handler_exceptions, tls_handshake_failures, heartbeat_rtt, fanout_latency)
 _gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
 
