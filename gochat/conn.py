@@ -12,7 +12,15 @@ is what Go's runtime does for a goroutine blocked in ``conn.Read`` (parked on th
 netpoller), made explicit because a greenlet blocked in ``recv`` costs ~8.5 KiB of saved C
 stack, frame page and greenlet object, where the watcher costs ~120 bytes: an idle
 connection holds no greenlet at all (docs/performance.md, idle). TLS connections do not
-park (a TLS record may be half read inside the SSL object, invisible to the watcher).
+park once their handshake has begun (a TLS record may be half read inside the SSL object,
+invisible to the watcher).
+
+TLS: the server accepts plain TCP and the connection does its own handshake, in its reader
+greenlet while in HANDSHAKE, so the handshake is one more part of the connection's life:
+counted by the server's caps from accept on, under ``handshake_timeout`` (the ticker closes
+a silent one without a word, section 1), and a failure is one debug line and a counter,
+not a traceback. Until the client's first bytes arrive there is no SSL object yet, so a
+silent TLS client parks like a plain one and holds no greenlet.
 
 Why not the Go way (a writer goroutine per client draining a channel)? In gevent a second
 greenlet per connection doubles the idle cost and adds a switch per delivery. Instead
@@ -48,11 +56,13 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import time
 from typing import Any, Callable
 
 import gevent
 from gevent import Greenlet
+from gevent import socket as gsocket
 
 from gochat import metrics
 from gochat.broker import BrokerUnavailable
@@ -138,6 +148,7 @@ class CloseReason(str, enum.Enum):
     TAKEOVER = "takeover"
     SHUTDOWN = "shutdown"
     HANDLER_EXCEPTION = "handler_exception"
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
 
 
 # Nothing more can be written (the socket failed or the backlog was dropped), or the
@@ -200,11 +211,11 @@ class Connection:
     __slots__ = ("config", "hub", "flusher", "spawn", "on_closed", "sock", "address", "opened", "state", "codec",
                  "session", "close_reason", "decoder", "bucket", "last_recv", "pings_unanswered", "pings_sent",
                  "heartbeat", "outbox", "_flush_scheduled", "_writer", "_unsent", "_progress", "_greenlet",
-                 "_nonblocking", "_parking", "_served")
+                 "_nonblocking", "_parking", "_served", "_tls")
 
     def __init__(self, sock: socket.socket, address: tuple, config: Config, hub: Hub, flusher: Flusher,
                  spawn: Callable[[Callable[[], None]], Greenlet], on_closed: Callable[["Connection"], None],
-                 tls: bool = False) -> None:
+                 tls: ssl.SSLContext | None = None) -> None:
         # shared server state
         self.config = config
         self.hub = hub
@@ -241,6 +252,7 @@ class Connection:
         self._nonblocking: socket.socket | None = None if tls else sock._sock
         self._parking: Any = None  # the read watcher a parked connection waits on, made at the first park
         self._served = 0  # requests served since this reader last let the others run (FAIR_SHARE)
+        self._tls = tls  # the context to handshake with, until the handshake begins
 
     # ------------------------------------------------------------ state
 
@@ -268,7 +280,10 @@ class Connection:
         self._greenlet = gevent.getcurrent()
         parked = False
         try:
-            parked = self._read_loop()
+            if self._tls is not None and self.close_reason is None:
+                parked = self._start_tls()
+            if not parked and self.close_reason is None:
+                parked = self._read_loop()
         except Exception:
             metrics.handler_exceptions.inc()
             log.exception("handler failed for %s:%s (nick %s)", *self.address[:2], self.nick)
@@ -277,6 +292,31 @@ class Connection:
             self._greenlet = None
             if not parked:
                 self._finish()
+
+    def _start_tls(self) -> bool:
+        """The server's side of the TLS handshake; True when parked because nothing has arrived yet.
+
+        Peeking at the plain socket costs one syscall and leaves the bytes for OpenSSL. Once they
+        are there, the handshake runs to its end in this greenlet; the ticker's shutdown at
+        ``handshake_timeout`` ends a client that stalls half way.
+        """
+        try:
+            self.sock._sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            self._park()
+            return True
+        except OSError:
+            pass  # the handshake meets the same error and says so
+        context, self._tls = self._tls, None
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            self.sock.do_handshake()
+        except OSError as exc:  # ssl.SSLError included
+            if self.close_reason is None:  # not the ticker's timeout, nor the drain
+                self.close_reason = CloseReason.TLS_HANDSHAKE_FAILED
+                metrics.tls_handshake_failures.inc()
+                log.debug("tls handshake failed %s:%s: %s", *self.address[:2], handshake_failure(exc))
+        return False
 
     def _read_loop(self) -> bool:
         """Read and serve until the connection closes (False) or parks with nothing to read (True)."""
@@ -713,8 +753,17 @@ class Connection:
 
     def _abort_socket(self) -> None:
         """Wake the reader at once: gevent cancels its wait when the socket is shut down."""
+        self._shutdown(socket.SHUT_RDWR)
+
+    def _shutdown(self, how: int) -> None:
+        """Shut the socket down the way gevent's plain socket does, TLS or not.
+
+        gevent's SSLSocket.shutdown also drops the TLS session, after which it sends what is
+        still owed (an idle_timeout error, a drain's last messages) in clear text, garbage
+        to a TLS client; the plain socket's shutdown wakes waiting greenlets just the same.
+        """
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            gsocket.socket.shutdown(self.sock, how)
         except OSError:
             pass
 
@@ -757,10 +806,7 @@ class Connection:
         owing more than the cap is not flushed, as a slow consumer is not.
         """
         how = socket.SHUT_RDWR if self.owed > self.config.max_outbound_bytes else socket.SHUT_RD
-        try:
-            self.sock.shutdown(how)
-        except OSError:
-            pass
+        self._shutdown(how)
 
     def _finish(self) -> None:
         """Hand the session back to the hub, write what is owed, then shut the socket down.
@@ -797,8 +843,9 @@ class Connection:
             self.sock.close()
             self.on_closed(self)
         metrics.connections_closed.inc(reason.value)
-        log.info("close %s:%s nick=%s reason=%s duration=%.1fs", self.address[0], self.address[1],
-                 session.nick if session else "-", reason.value, time.monotonic() - self.opened)
+        if reason is not CloseReason.TLS_HANDSHAKE_FAILED:  # that one said its one line, at debug level
+            log.info("close %s:%s nick=%s reason=%s duration=%.1fs", self.address[0], self.address[1],
+                     session.nick if session else "-", reason.value, time.monotonic() - self.opened)
 
     def _linger(self) -> None:
         """Send FIN, then read and drop what the client is still sending, briefly.
@@ -831,6 +878,18 @@ class Connection:
                     metrics.bytes_out.inc(len(data))
                 except OSError:
                     pass
+
+
+def handshake_failure(exc: OSError) -> str:
+    """Why a TLS handshake failed, in a few words: OpenSSL's reason (``WRONG_VERSION_NUMBER``
+    for a plain-text client, ``UNSUPPORTED_PROTOCOL`` for TLS 1.1) or what the peer did."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return "closed by the client"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc.args[-1])
+    if exc.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE):
+        return "reset by the client"
+    return exc.strerror or type(exc).__name__
 
 
 def server_name() -> str:

@@ -106,6 +106,7 @@ rooms_forgotten = CountBy("gochat_rooms_forgotten", "Rooms the memory broker for
 handler_exceptions = Count("gochat_handler_exceptions", "Unexpected exceptions in connection handlers")
 sessions_ended_at_cap = Count("gochat_sessions_ended_at_cap", "Sessions awaiting resume ended early by max_sessions")
 dms_rate_limited = Count("gochat_dms_rate_limited", "DMs refused over their recipient's dm_rate")
+tls_handshake_failures = Count("gochat_tls_handshake_failures", "Failed TLS handshakes (not TLS, too old, peer gone)")
 heartbeat_rtt = Buckets("gochat_heartbeat_rtt_seconds", "Round trip of server pings",
                         (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 admin_refused = CountBy("gochat_admin_refused", "Admin HTTP connections or requests refused, by reason", "reason",
@@ -116,7 +117,7 @@ history_cut = Count("gochat_history_cut", "history replies and join replays cut 
 
 COUNTERS = (connections_accepted, connections_rejected, connections_closed, messages_in, deliveries, bytes_in,
             bytes_out, errors_sent, rooms_forgotten, handler_exceptions, sessions_ended_at_cap,
-            dms_rate_limited, heartbeat_rtt, fanout_latency, admin_refused, history_cut)
+            dms_rate_limited, tls_handshake_failures, heartbeat_rtt, fanout_latency, admin_refused, history_cut)
 _gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
 

@@ -4,8 +4,9 @@ Each worker is a whole ``gochat serve`` process (one core, one event loop) whose
 socket sets SO_REUSEPORT, so the kernel spreads new connections over the workers. The
 supervisor reserves the port (bound, never listening, so it receives no connections),
 starts the workers, restarts one that dies, serves the admin port for the whole group
-(readiness and metrics merged with a ``worker`` label, PITFALLS' per-worker scraping), and
-on SIGTERM drains every worker and exits when they have.
+(readiness and metrics merged with a ``worker`` label, PITFALLS' per-worker scraping),
+passes SIGHUP on (each worker reloads its own TLS certificate), and on SIGTERM drains every
+worker and exits when they have.
 """
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ class Supervisor:
                  self.config.shown("broker"), len(self.workers))
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._on_signal)
+        gevent.signal_handler(signal.SIGHUP, self._on_sighup)
         watchers = [gevent.spawn(self._watch, worker) for worker in self.workers]
         gevent.joinall(watchers)
         if self.admin:
@@ -153,6 +155,11 @@ class Supervisor:
         for worker in self.workers:
             if worker.proc and worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)  # each worker drains its own clients
+
+    def _on_sighup(self) -> None:
+        for worker in self.workers:
+            if worker.proc and worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGHUP)
 
     def _kill_all(self) -> None:
         for worker in self.workers:

@@ -20,6 +20,7 @@ import threading
 import urllib.error
 import urllib.request
 import zlib
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -308,9 +309,8 @@ def chat() -> Iterator:
         client.close()
 
 
-@pytest.fixture
-def certificate(tmp_path) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1: (cert file, key file), for the TLS tests."""
+def make_certificate(directory: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 with a fresh key: (cert file, key file) in ``directory``."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -320,8 +320,14 @@ def certificate(tmp_path) -> tuple[str, str]:
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return str(cert_file), str(key_file)
+
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1: (cert file, key file), for the TLS tests."""
+    return make_certificate(tmp_path)
