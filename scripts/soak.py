@@ -122,32 +122,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_certificate(directory: Path) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1, for the TLS server: (cert file, key file)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = directory / "soak-cert.pem", directory / "soak-key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_file), str(key_file)
-
-
 class Server:
     """A gochat process of the soak: its log is read by a thread that counts what matters."""
 
@@ -436,6 +410,8 @@ def main() -> int:
         server = Server(children, {**SETTINGS, **overrides})
         tls = None
         if "silent_tls" in selected:
+            from conftest import make_certificate  # the tests' certificate (soaklib.attacks puts tests/ on the path)
+
             cert, key = make_certificate(Path(certdir.name))
             tls = (Server(children, {**TLS_SETTINGS, **overrides, "tls_cert": cert, "tls_key": key}, "tls-server"),
                    cert)

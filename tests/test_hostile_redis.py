@@ -18,6 +18,7 @@ import redis
 from gevent.event import Event
 
 from test_robustness import FAST, Peer, no_tracebacks, pair, run_all, unique_nick  # noqa: F401 (pair: fixture)
+from test_redis import until
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -55,18 +56,6 @@ def largest_room_collection(r: redis.Redis) -> tuple[int, str]:
         if size is not None:
             biggest = max(biggest, (size(key), key))
     return biggest
-
-
-def until(predicate: Any, timeout: float, what: str) -> Any:
-    """Poll for what no event announces (a TTL running out in Redis); bounded, 100 ms steps."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        gevent.sleep(0.1)
 
 
 def pct(values: list[float], q: float) -> float:
