@@ -410,7 +410,8 @@ def main() -> int:
         server = Server(children, {**SETTINGS, **overrides})
         tls = None
         if "silent_tls" in selected:
-            from conftest import make_certificate  # the tests' certificate (soaklib.attacks puts tests/ on the path)
+            sys.path.insert(0, str(ROOT / "tests"))
+            from conftest import make_certificate  # the tests' self-signed certificate
 
             cert, key = make_certificate(Path(certdir.name))
             tls = (Server(children, {**TLS_SETTINGS, **overrides, "tls_cert": cert, "tls_key": key}, "tls-server"),
