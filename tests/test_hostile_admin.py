@@ -24,7 +24,7 @@ from gochat import admin
 from gochat.config import load
 from gochat.conn import CloseReason
 from gochat.protocol import ERRORS
-from test_robustness import FAST, Peer, gget, metrics, no_tracebacks, run_all, stats, unique_nick
+from test_robustness import FAST, Peer, admin_get, gget, metrics, no_tracebacks, run_all, stats, unique_nick
 from test_robustness import pair, peers  # noqa: F401 (fixtures)
 
 # The old code has no such names: these defaults let every test run there and fail on what it
@@ -40,23 +40,9 @@ def admin_socket(server, source: str | None = None, timeout: float = 10.0) -> gs
                                      source_address=(source, 0) if source else None)
 
 
-def http_get(server, path: str, host: str | None = "127.0.0.1", source: str | None = None) -> tuple[int, bytes]:
-    """(status, body) of one GET, Host as given (None: no Host line), from ``source``."""
-    sock = admin_socket(server, source, timeout=5.0)
-    try:
-        sock.sendall(f"GET {path} HTTP/1.0\r\n".encode() + (f"Host: {host}\r\n".encode() if host else b"") + b"\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    finally:
-        sock.close()
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 def timed_health(server, source: str = "127.0.0.2") -> float:
     started = time.monotonic()
-    status, _ = http_get(server, "/health", source=source)
+    status, _ = admin_get(server, "/health", source=source)
     assert status == 200
     return time.monotonic() - started
 
@@ -164,11 +150,11 @@ def test_admin_answers_only_loopback_host_names(start_server):
     s = start_server()
     port = s.admin_port
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]", "10.0.0.1"):
-        status, body = http_get(s, "/stats", host=host)
+        status, body = admin_get(s, "/stats", host=host)
         assert status == 421, (host, status, body[:80])
     for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", "[::1]", f"[::1]:{port}",
                  "localhost:8080", None):
-        status, body = http_get(s, "/stats", host=host)
+        status, body = admin_get(s, "/stats", host=host)
         assert status == 200 and json.loads(body)["connections"] == 0, (host, status)
     assert metrics(s)['gochat_admin_refused_total{reason="bad_host"}'] == 5
 

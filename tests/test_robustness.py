@@ -66,20 +66,29 @@ RSS_REGROWTH = 3 * 2**20
 # ---------------------------------------------------------------- helpers
 
 
-def gget(server: ServerProcess, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """GET on the admin port with a gevent socket: greenlets keep running while it waits
-    (conftest's ``admin`` uses urllib, which would block this whole test process)."""
+def admin_get(server: ServerProcess, path: str, host: str | None = "127.0.0.1", source: str | None = None,
+              timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, raw body) of one GET on the admin port, with a gevent socket: greenlets keep
+    running while it waits (conftest's ``admin`` uses urllib, which would block this whole test
+    process). ``host`` None sends no Host line; ``source`` picks the client address."""
     with gevent.Timeout(timeout):
-        sock = gsocket.create_connection(("127.0.0.1", server.admin_port))
+        sock = gsocket.create_connection(("127.0.0.1", server.admin_port),
+                                         source_address=(source, 0) if source else None)
         try:
-            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            sock.sendall(f"GET {path} HTTP/1.0\r\n".encode() + (f"Host: {host}\r\n".encode() if host else b"")
+                         + b"\r\n")
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
         finally:
             sock.close()
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = int(head.split()[1])
+    return int(head.split()[1]), body
+
+
+def gget(server: ServerProcess, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+    """GET on the admin port: (status, the JSON body parsed, or the text)."""
+    status, body = admin_get(server, path, timeout=timeout)
     return status, json.loads(body) if body[:1] == b"{" else body.decode()
 
 
