@@ -545,10 +545,7 @@ class Connection:
         joined, replay = self.hub.join(self.session, request.room, request.since)
         # The replay follows joined, so joined says whether it was cut: the client then asks
         # history from the last seq the replay gave it (docs/protocol.md, history budget).
-        replay, more = within_budget(replay, self.codec, self.config.max_history_bytes)
-        if more:
-            joined["more"] = True
-            metrics.history_cut.inc()
+        replay = self._within_history_budget(joined, replay)
         if request.id is not None:
             joined["id"] = request.id
         self.send_batch([encode(joined, self.codec)] + [out.encoded(self.codec) for out in replay])
@@ -580,14 +577,19 @@ class Connection:
 
     def _history(self, request: History) -> None:
         epoch, outs = self.hub.history(request.room, request.since, request.limit)
-        outs, more = within_budget(outs, self.codec, self.config.max_history_bytes)
         reply: dict[str, Any] = {"type": "history", "room": request.room, "epoch": epoch}
-        if more:
-            reply["more"] = True
-            metrics.history_cut.inc()
+        outs = self._within_history_budget(reply, outs)
         if request.id is not None:
             reply["id"] = request.id
         self._enqueue(encode_history(reply, outs, self.codec))
+
+    def _within_history_budget(self, reply: dict, outs: list[Outgoing]) -> list[Outgoing]:
+        """The leading ``outs`` within ``max_history_bytes``; a cut sets ``more`` on ``reply``."""
+        outs, more = within_budget(outs, self.codec, self.config.max_history_bytes)
+        if more:
+            reply["more"] = True
+            metrics.history_cut.inc()
+        return outs
 
     def _ping(self, request: Ping) -> None:
         reply: dict[str, Any] = {"type": "pong"}
