@@ -171,8 +171,9 @@ class Config:
     room_ttl: float = _setting(86400.0, "seconds a room without members and without new messages is kept (0: forever)",
                                0)
     resume_window: float = _setting(120.0, "seconds a dropped session waits to be resumed (0: offline at once)", 0)
-    max_sessions: int | None = _setting(None, "sessions awaiting resume, at most; past it the oldest ends "
-                                              "(default: twice max_connections, or twice the open-file limit)", 1)
+    max_sessions: int | None = _setting(None, "sessions a node holds, live and awaiting resume; past it the one "
+                                              "waiting longest ends (default: twice max_connections, or twice "
+                                              "the open-file limit)", 1)
     dm_rate: float = _setting(10.0, "DMs per second to one recipient, from all senders together (0: no limit)", 0)
     dm_burst: int = _setting(20, "DM burst to one recipient", 1)
     drain_timeout: float = _setting(10.0, "seconds to flush clients on shutdown", 0)
